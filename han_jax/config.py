@@ -1,0 +1,133 @@
+"""Frozen configuration with the original's defaults in one place.
+
+Every default below is the value ``train_multi_resolution.py main()`` uses at
+ML-OSINT commit 75d6392 (``shared/spec/model.md`` section 1, ``data.md``
+section 6), unless its comment says han-jax differs and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+SourceLayout = Tuple[Tuple[str, int], ...]
+
+DAILY_SOURCES: SourceLayout = (
+    ("personnel", 12),
+    ("drones", 9),
+    ("armor", 9),
+    ("artillery", 15),
+)
+MONTHLY_SOURCES: SourceLayout = (
+    ("sentinel", 7),
+    ("hdx_conflict", 5),
+    ("hdx_food", 10),
+    ("hdx_rainfall", 6),
+    ("iom", 7),
+)
+
+# The small layout used by the test preset (data.md section 7: two daily and two
+# monthly sources, 60-day and 3-month windows).
+SMALL_DAILY_SOURCES: SourceLayout = (("personnel", 12), ("drones", 9))
+SMALL_MONTHLY_SOURCES: SourceLayout = (("sentinel", 7), ("hdx_conflict", 5))
+
+TASK_NAMES: Tuple[str, ...] = (
+    "regime",
+    "transition",
+    "casualty",
+    "anomaly",
+    "forecast",
+    "daily_forecast",
+)
+
+N_PHASES = 11
+# 11 operational phases -> 4 coarse regime classes (data.md section 5).
+PHASE_TO_COARSE: Tuple[int, ...] = (0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of ``MultiResolutionHAN`` (the original's training defaults)."""
+
+    d_model: int = 128
+    nhead: int = 8
+    num_daily_layers: int = 3
+    num_monthly_layers: int = 2
+    num_fusion_layers: int = 2
+    num_temporal_layers: int = 2
+    dropout: float = 0.1
+    causal: bool = True
+    n_regime_classes: int = 4
+    use_latent_forecast: bool = True
+    daily_forecast_horizon: int = 7
+    daily_sources: SourceLayout = DAILY_SOURCES
+    monthly_sources: SourceLayout = MONTHLY_SOURCES
+    # Hard-coded internals of the original, kept configurable.
+    local_window: int = 31  # DailyTemporalEncoder causal window (days, the query included)
+    max_daily_len: int = 1500  # sinusoidal / positional tables of the daily modules
+    max_months: int = 60  # month query and monthly tables
+    monthly_dim_feedforward: int = 256  # MultiSourceMonthlyEncoder ff width (fixed in the original)
+    # Implementation switches (no effect on the maths).
+    remat: bool = False  # nn.remat on the daily transformer layers
+    return_attention: bool = False  # add attention maps to the outputs
+
+    @property
+    def daily_source_names(self) -> Tuple[str, ...]:
+        return tuple(name for name, _ in self.daily_sources)
+
+    @property
+    def monthly_source_names(self) -> Tuple[str, ...]:
+        return tuple(name for name, _ in self.monthly_sources)
+
+    @property
+    def n_monthly_features(self) -> int:
+        return sum(f for _, f in self.monthly_sources)
+
+    @property
+    def n_daily_features(self) -> int:
+        return sum(f for _, f in self.daily_sources)
+
+    @classmethod
+    def small(cls, **overrides) -> "ModelConfig":
+        """A fast configuration for tests and the CI-sized main job."""
+        base = dict(
+            d_model=32,
+            nhead=4,
+            num_daily_layers=1,
+            num_monthly_layers=1,
+            num_fusion_layers=1,
+            num_temporal_layers=1,
+            daily_sources=SMALL_DAILY_SOURCES,
+            monthly_sources=SMALL_MONTHLY_SOURCES,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Options of ``compute_losses`` (the original's values)."""
+
+    label_smoothing: float = 0.1
+    regime_logit_clamp: float = 50.0
+    regime_loss_floor: float = 0.05
+    regime_entropy_weight: float = 0.3
+    regime_diversity_weight: float = 0.3
+    transition_focal: bool = False  # focal loss for transitions; off at 75d6392
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    casualty_target_scale: float = 1000.0
+    daily_forecast_latent: bool = True
+    phase_to_coarse: Tuple[int, ...] = PHASE_TO_COARSE
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregateConfig:
+    """Options of ``aggregate`` (Kendall et al. 2018 uncertainty weighting)."""
+
+    task_names: Tuple[str, ...] = TASK_NAMES
+    strategy: str = "kendall"  # "kendall" | "equal"
+    log_var_clip: float = 2.0
+    max_task_loss: float = 1e6
+    log_var_reg: float = 0.01
+    empty_reg: float = 1e-6
