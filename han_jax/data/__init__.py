@@ -1,0 +1,31 @@
+"""The numpy data pipeline: worlds (synthetic or real) -> aligned, normalised splits -> fixed-shape batches."""
+
+from han_jax.data.batching import gather, iterate_batches, num_batches
+from han_jax.data.config import MISSING_VALUE, DataConfig
+from han_jax.data.pipeline import Calendar, Datasets, NormStats, SplitData, build_datasets, make_calendar
+from han_jax.data.synthetic import make_synthetic_world
+from han_jax.data.losses import load_losses_world
+from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTargets, SourceTable, World
+
+__all__ = [
+    "Calendar", "DataConfig", "DataError", "Datasets", "DayTargets", "MISSING_VALUE", "MissingFileError",
+    "MonthTargets", "NormStats", "SourceTable", "SplitData", "World", "build_datasets", "gather",
+    "iterate_batches", "load_losses_world", "make_calendar", "make_synthetic_world", "make_world", "num_batches",
+]
+
+
+def make_world(config: DataConfig) -> World:
+    """The world a ``DataConfig`` names (synthetic by seed/mode/preset, or the real loss data)."""
+    if config.source == "synthetic":
+        def names(spec):
+            return None if spec is None else [e if isinstance(e, str) else e[0] for e in spec]
+
+        return make_synthetic_world(
+            config.seed, mode=config.mode, preset=config.preset, n_days=config.n_days,
+            daily_sources=names(config.daily_sources), monthly_sources=names(config.monthly_sources),
+        )
+    if config.source == "losses":
+        if not config.losses_dir:
+            raise DataError("DataConfig.source='losses' needs losses_dir; expected the directory of the JSON files")
+        return load_losses_world(config.losses_dir, config.monthly_csv_dir)
+    raise DataError(f"DataConfig.source={config.source!r}; expected 'synthetic' or 'losses'")

@@ -1,0 +1,392 @@
+"""Loader for the 2022-Ukraine-Russia-War-Dataset JSON files (real public daily loss data).
+
+``load_losses_world(directory, monthly_csv_dir=None)`` reads
+``russia_losses_personnel.json`` and ``russia_losses_equipment.json`` and builds
+the original's four daily sources (personnel 12, drones 9, armor 9, artillery 15)
+with the same delta-feature engineering, plus the regime/transition targets from
+the operations timeline (data.md section 9). Everything it decides (late, stopped,
+renamed or gapped fields, fallbacks) goes into ``World.report`` and the log.
+
+Monthly inputs and the casualty / anomaly targets come from optional CSV files in
+``monthly_csv_dir`` (see ``han_jax/data/README.md``):
+
+* ``<source>.csv``: one monthly source per file, a ``date`` column
+  (``YYYY-MM`` or ``YYYY-MM-DD``, mapped to the month start) plus numeric
+  feature columns; empty cells are missing.
+* ``targets_fatalities.csv``: ``date`` + ``fatalities`` (raw monthly counts).
+* ``targets_viirs.csv``: ``date`` (daily) + ``radiance_mean``; the anomaly target
+  is computed with the original's 8-row window rule.
+
+Without monthly source CSVs the monthly inputs are monthly means of the daily loss
+deltas (``personnel_monthly`` 4, ``equipment_monthly`` 8; a han-jax fallback, not
+the original's sources). Without target CSVs those targets are marked invalid,
+and when an ``hdx_conflict.csv`` with a ``fatalities`` column is given it also
+serves as the casualty target (the original's leakage, reported).
+
+Deliberate differences from the original: a field that never occurs keeps its
+three (zero) features so the layout stays 12/9/9/15, and non-monotonic or
+duplicate dates, negative cumulative counts, and malformed records raise
+``DataError`` instead of being sorted, kept or dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from han_jax.config import MONTHLY_SOURCES
+from han_jax.data import features as fe
+from han_jax.data.timeline import phase_timeline
+from han_jax.data.world import (
+    DataError,
+    DayTargets,
+    MissingFileError,
+    MonthTargets,
+    SourceTable,
+    World,
+    check_dates,
+    month_start,
+    note,
+)
+
+PERSONNEL_FILE = "russia_losses_personnel.json"
+EQUIPMENT_FILE = "russia_losses_equipment.json"
+TARGET_FATALITIES = "targets_fatalities.csv"
+TARGET_VIIRS = "targets_viirs.csv"
+
+# Known spellings of the counters the four sources use (after ' ' and '-' -> '_').
+ALIASES: Dict[str, Tuple[str, ...]] = {
+    "personnel": ("personnel",),
+    "POW": ("POW", "pow"),
+    "drone": ("drone", "UAV", "uav", "drones"),
+    "cruise_missiles": ("cruise_missiles", "cruise_missile"),
+    "tank": ("tank", "tanks"),
+    "APC": ("APC", "apc", "AFV"),
+    "field_artillery": ("field_artillery", "artillery_systems"),
+    "MRL": ("MRL", "mrl", "MLRS"),
+    "anti_aircraft_warfare": ("anti_aircraft_warfare", "air_defense_systems"),
+    "mobile_SRBM_system": ("mobile_SRBM_system", "mobile_srbm_system"),
+    "aircraft": ("aircraft",),
+    "helicopter": ("helicopter",),
+}
+# Fields the dataset is known to have merged; reported, not used by the four sources.
+KNOWN_RENAMES = {("military_auto", "fuel_tank"): "vehicles_and_fuel_tanks"}
+USED_EQUIPMENT = ("drone", "cruise_missiles", "tank", "APC", "field_artillery", "MRL",
+                  "anti_aircraft_warfare", "mobile_SRBM_system")
+
+
+def _norm(name: str) -> str:
+    return name.replace(" ", "_").replace("-", "_")
+
+
+def _read_json(path: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """Records -> (dates, {normalised field: float array with NaN where absent})."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"{path}: file not found; expected the 2022-Ukraine-Russia-War-Dataset JSON here")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected a list of daily records") from e
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON list of daily records")
+    dates = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict) or "date" not in r:
+            raise DataError(f"{path}: record {i} has no 'date' field; expected {{'date': 'YYYY-MM-DD', ...}}")
+        try:
+            dates.append(np.datetime64(str(r["date"])[:10], "D"))
+        except ValueError as e:
+            raise DataError(f"{path}: record {i} has date {r['date']!r}; expected YYYY-MM-DD") from e
+    dates = np.array(dates, dtype="datetime64[D]")
+    check_dates(dates, path)
+    fields: Dict[str, np.ndarray] = {}
+    for i, r in enumerate(data):
+        for k, v in r.items():
+            if k in ("date", "day") or v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                fields.setdefault("__text__" + _norm(k), np.zeros(0))
+                continue
+            key = _norm(k)
+            if key not in fields:
+                fields[key] = np.full(len(data), np.nan)
+            fields[key][i] = float(v)
+    return dates, fields
+
+
+def _pick(fields, canonical, path, report) -> Optional[np.ndarray]:
+    """The canonical counter, filled from known aliases where it is absent (reported)."""
+    out = None
+    for alias in ALIASES.get(canonical, (canonical,)):
+        if alias not in fields:
+            continue
+        if out is None:
+            out = fields[alias].copy()
+            if alias != canonical:
+                note(report, f"{os.path.basename(path)}: field '{canonical}' read from '{alias}'")
+        else:
+            fill = np.isnan(out) & ~np.isnan(fields[alias])
+            if fill.any():
+                out[fill] = fields[alias][fill]
+                note(report, f"{os.path.basename(path)}: field '{canonical}' filled from alias '{alias}' on "
+                             f"{int(fill.sum())} dates (renamed field)")
+    return out
+
+
+def _coverage(name, x, dates, fname, report) -> None:
+    """Report late starts, early stops and gaps of one counter, and check counts are non-negative."""
+    ok = ~np.isnan(x)
+    if np.any(x[ok] < 0):
+        i = int(np.flatnonzero(ok & (x < 0))[0])
+        raise DataError(f"{fname}: field '{name}' is {x[i]:g} on {dates[i]}; expected non-negative cumulative counts")
+    first, last = np.flatnonzero(ok)[[0, -1]]
+    span_all = (dates[0], dates[-1])
+    msgs = []
+    if first > 0:
+        msgs.append(f"starts late on {dates[first]} (NaN before: deltas 0 there, as in the original)")
+    if last < len(x) - 1:
+        msgs.append(f"stops after {dates[last]} (NaN after: deltas 0)")
+    holes = int((~ok[first : last + 1]).sum())
+    if holes:
+        msgs.append(f"{holes} records without it inside its range (deltas 0 around them)")
+    dec = int(np.sum(np.diff(x[ok]) < 0))
+    if dec:
+        msgs.append(f"decreases on {dec} days (negative corrections kept as negative deltas)")
+    if msgs:
+        note(report, f"{fname}: field '{name}' " + "; ".join(msgs) + f" [file covers {span_all[0]}..{span_all[1]}]")
+
+
+def _complete(dates, x) -> Tuple[np.ndarray, np.ndarray]:
+    """Reindex to every day from the first to the last record, without fill."""
+    full = np.arange(dates[0], dates[-1] + 1)
+    out = np.full(len(full), np.nan)
+    out[(dates - dates[0]).astype(np.int64)] = x
+    return full, out
+
+
+def load_losses_world(directory: str, monthly_csv_dir: Optional[str] = None) -> World:
+    """The real-data ``World``; read ``World.report`` for what was found, filled or dropped."""
+    report: List[str] = []
+    p_path = os.path.join(directory, PERSONNEL_FILE)
+    e_path = os.path.join(directory, EQUIPMENT_FILE)
+    p_dates, p_fields = _read_json(p_path)
+    e_dates, e_fields = _read_json(e_path)
+
+    for path, dates, fields in ((p_path, p_dates, p_fields), (e_path, e_dates, e_fields)):
+        fname = os.path.basename(path)
+        gaps = np.diff(dates).astype(np.int64) - 1
+        if np.any(gaps > 0):
+            i = np.flatnonzero(gaps > 0)
+            spans = ", ".join(f"{dates[j] + 1}..{dates[j + 1] - 1}" for j in i[:5])
+            note(report, f"{fname}: {int(gaps.sum())} missing days in {len(i)} gap(s) ({spans}"
+                         f"{', ...' if len(i) > 5 else ''}); deltas are 0 there and on the day after, as in the original")
+        text = sorted(k[8:] for k in fields if k.startswith("__text__"))
+        if text:
+            note(report, f"{fname}: non-numeric field(s) {text} ignored")
+        for (olds, new) in KNOWN_RENAMES.items():
+            if all(o in fields for o in olds) and new in fields:
+                last_old = max(dates[~np.isnan(fields[o])][-1] for o in olds)
+                first_new = dates[~np.isnan(fields[new])][0]
+                note(report, f"{fname}: fields {list(olds)} stop after {last_old} and '{new}' starts on {first_new} "
+                             f"(renamed/merged; not used by the four sources)")
+
+    # Personnel source.
+    pers = _pick(p_fields, "personnel", p_path, report)
+    if pers is None or np.all(np.isnan(pers)):
+        raise DataError(f"{p_path}: no 'personnel' field; expected cumulative personnel counts")
+    _coverage("personnel", pers, p_dates, PERSONNEL_FILE, report)
+    pow_ = _pick(p_fields, "POW", p_path, report)
+    if pow_ is not None and np.any(~np.isnan(pow_)):
+        _coverage("POW", pow_, p_dates, PERSONNEL_FILE, report)
+    else:
+        note(report, f"{PERSONNEL_FILE}: no 'POW' field; pow features are 0")
+        pow_ = None
+    full_p, pers_c = _complete(p_dates, pers)
+    pow_c = _complete(p_dates, pow_)[1] if pow_ is not None else None
+    daily = {"personnel": SourceTable("personnel", full_p, fe.personnel_features(pers_c, pow_c),
+                                      fe.PERSONNEL_FEATURES, p_path)}
+
+    # Equipment sources.
+    full_e = np.arange(e_dates[0], e_dates[-1] + 1)
+    counters = {}
+    for c in USED_EQUIPMENT:
+        x = _pick(e_fields, c, e_path, report)
+        if x is None or np.all(np.isnan(x)):
+            note(report, f"{EQUIPMENT_FILE}: field '{c}' never occurs; its 3 features are 0 (layout kept)")
+            x = np.zeros(len(e_dates))
+        else:
+            _coverage(c, x, e_dates, EQUIPMENT_FILE, report)
+        counters[c] = _complete(e_dates, x)[1]
+    for src in ("drones", "armor", "artillery"):
+        cols, _ = fe.EQUIPMENT_SOURCES[src]
+        daily[src] = SourceTable(src, full_e, fe.equipment_features([counters[c] for c in cols]),
+                                 fe.equipment_feature_names(src), e_path)
+    unused = sorted(k for k in e_fields if not k.startswith("__text__")
+                    and not any(k in ALIASES.get(c, (c,)) for c in USED_EQUIPMENT))
+    spans = []
+    for k in unused:
+        seen = e_dates[~np.isnan(e_fields[k])]
+        spans.append(f"{k} {seen[0]}..{seen[-1]}")
+    note(report, f"{EQUIPMENT_FILE}: fields not used by the four sources (first..last date): {', '.join(spans)}")
+
+    # Targets: phases from the operations timeline over the data's span.
+    t_start = min(full_p[0], full_e[0], np.datetime64("2022-02-24"))
+    t_end = max(full_p[-1], full_e[-1])
+    dd, phase, trans, n_act = phase_timeline(str(t_start), str(t_end))
+
+    monthly, month_t, radiance = _read_monthly_dir(monthly_csv_dir, report)
+    if not monthly:
+        monthly = _monthly_from_daily(daily, report)
+    if radiance is None:
+        anomaly, a_valid = np.zeros(len(dd), np.float32), np.zeros(len(dd), bool)
+        note(report, "no VIIRS radiance CSV: anomaly targets are invalid for every day (the loss falls back)")
+    else:
+        r_dates, r_vals = radiance
+        axis = np.full(len(dd), np.nan)
+        idx = (r_dates - dd[0]).astype(np.int64)
+        ok = (idx >= 0) & (idx < len(dd))
+        axis[idx[ok]] = r_vals[ok]
+        anomaly, a_valid = fe.viirs_anomaly(axis)
+    if month_t is None:
+        note(report, "no casualty CSV: casualty targets are invalid for every month (the loss falls back)")
+        month_t = MonthTargets(np.zeros(0, "datetime64[D]"), np.zeros(0), np.zeros(0, bool))
+    note(report, f"phase labels from the operations timeline (data.md 9), valid {dd[0]}..{dd[-1]}; "
+                 f"{int(trans[1:].sum())} transitions")
+    day_t = DayTargets(dd, phase, np.ones(len(dd), bool), trans, anomaly.astype(np.float32), a_valid, n_act)
+    return World(daily, monthly, day_t, month_t, name=f"losses:{directory}", report=report)
+
+
+def _monthly_from_daily(daily: Dict[str, SourceTable], report) -> Dict[str, SourceTable]:
+    """Monthly means of the raw daily deltas (han-jax fallback when no monthly CSV is given)."""
+    out = {}
+    p = daily["personnel"]
+    months = np.unique(month_start(p.dates))
+    pm_idx = np.searchsorted(months, month_start(p.dates))
+
+    def mean_by_month(idx, x, n):
+        cnt = np.bincount(idx, minlength=n).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.bincount(idx, x, minlength=n) / np.where(cnt > 0, cnt, np.nan)
+
+    n = len(months)
+    pd_, pw = p.values[:, 0], p.values[:, 1]
+    mean_p = mean_by_month(pm_idx, pd_, n)
+    sq = mean_by_month(pm_idx, pd_ ** 2, n)
+    mx = np.full(n, -np.inf)
+    np.maximum.at(mx, pm_idx, pd_)
+    out["personnel_monthly"] = SourceTable(
+        "personnel_monthly", months,
+        np.column_stack([mean_p, mean_by_month(pm_idx, pw, n), np.sqrt(np.maximum(sq - mean_p ** 2, 0)), mx]),
+        ("personnel_daily_mean", "pow_daily_mean", "personnel_daily_std", "personnel_daily_max"),
+        "monthly aggregate of personnel",
+    )
+    cols, names = [], []
+    e_months = None
+    for src in ("drones", "armor", "artillery"):
+        t = daily[src]
+        e_months = np.unique(month_start(t.dates))
+        idx = np.searchsorted(e_months, month_start(t.dates))
+        for j, fname in enumerate(t.feature_names):
+            if fname.endswith("_daily") and "_total_" not in fname:
+                cols.append(mean_by_month(idx, t.values[:, j], len(e_months)))
+                names.append(fname + "_mean")
+    out["equipment_monthly"] = SourceTable("equipment_monthly", e_months, np.column_stack(cols), tuple(names),
+                                           "monthly aggregate of drones/armor/artillery")
+    note(report, "no monthly source CSVs: monthly inputs are monthly means of the daily loss deltas "
+                 f"(personnel_monthly 4, equipment_monthly {len(names)}), not the original's monthly sources")
+    return out
+
+
+def _read_csv(path: str, monthly: bool) -> Tuple[np.ndarray, Tuple[str, ...], np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"{path}: empty file; expected a header with a 'date' column")
+    header = [h.strip() for h in rows[0]]
+    if "date" not in header:
+        raise DataError(f"{path}: no 'date' column in header {header}; expected 'date' plus feature columns")
+    di = header.index("date")
+    feats = [h for i, h in enumerate(header) if i != di]
+    if not feats:
+        raise DataError(f"{path}: only a 'date' column; expected at least one feature column")
+    dates, vals = [], []
+    for ln, r in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in r):
+            continue
+        if len(r) != len(header):
+            raise DataError(f"{path}: line {ln} has {len(r)} cells; expected {len(header)}")
+        s = r[di].strip()
+        try:
+            d = np.datetime64(s[:7] if monthly else s[:10], "M" if monthly else "D").astype("datetime64[D]")
+        except ValueError as e:
+            raise DataError(f"{path}: line {ln} has date {s!r}; expected YYYY-MM or YYYY-MM-DD") from e
+        row = []
+        for i, c in enumerate(r):
+            if i == di:
+                continue
+            c = c.strip()
+            try:
+                row.append(float(c) if c not in ("", "NA", "NaN", "nan") else np.nan)
+            except ValueError as e:
+                raise DataError(f"{path}: line {ln}, column '{header[i]}' is {c!r}; expected a number or empty") from e
+        dates.append(d)
+        vals.append(row)
+    if not dates:
+        raise DataError(f"{path}: no data rows; expected at least one")
+    dates = np.array(dates, "datetime64[D]")
+    check_dates(dates, path)
+    v = np.array(vals, np.float64)
+    all_nan = np.all(np.isnan(v), axis=0)
+    if np.any(all_nan):
+        raise DataError(f"{path}: column(s) {[feats[i] for i in np.flatnonzero(all_nan)]} are entirely empty; "
+                        "expected some values")
+    return dates, tuple(feats), v
+
+
+def _read_monthly_dir(directory: Optional[str], report):
+    monthly: Dict[str, SourceTable] = {}
+    if directory is None:
+        return monthly, None, None
+    if not os.path.isdir(directory):
+        raise MissingFileError(f"{directory}: monthly CSV directory not found")
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".csv"))
+    known = [s for s, _ in MONTHLY_SOURCES]
+    names = [f[:-4] for f in files if f not in (TARGET_FATALITIES, TARGET_VIIRS)]
+    names.sort(key=lambda s: (known.index(s) if s in known else len(known), s))
+    for name in names:
+        path = os.path.join(directory, name + ".csv")
+        d, feats, v = _read_csv(path, monthly=True)
+        monthly[name] = SourceTable(name, d, v, feats, path)
+        note(report, f"monthly source '{name}' from {path}: {len(feats)} features, {d[0]}..{d[-1]}")
+    month_t = None
+    fpath = os.path.join(directory, TARGET_FATALITIES)
+    if os.path.exists(fpath):
+        d, feats, v = _read_csv(fpath, monthly=True)
+        if "fatalities" not in feats:
+            raise DataError(f"{fpath}: no 'fatalities' column in {list(feats)}; expected date,fatalities")
+        f = v[:, feats.index("fatalities")]
+        if np.any(f[~np.isnan(f)] < 0):
+            raise DataError(f"{fpath}: column 'fatalities' has negative values; expected counts >= 0")
+        month_t = MonthTargets(d, np.nan_to_num(f), ~np.isnan(f))
+        note(report, f"casualty targets from {fpath}: {int((~np.isnan(f)).sum())} valid months")
+    elif "hdx_conflict" in monthly and "fatalities" in monthly["hdx_conflict"].feature_names:
+        t = monthly["hdx_conflict"]
+        f = t.values[:, t.feature_names.index("fatalities")]
+        if np.any(f[~np.isnan(f)] < 0):
+            raise DataError(f"{t.origin}: column 'fatalities' has negative values; expected counts >= 0")
+        month_t = MonthTargets(t.dates, np.nan_to_num(f), ~np.isnan(f))
+        note(report, f"casualty targets from the 'fatalities' column of {t.origin} (the original's input/target leakage)")
+    radiance = None
+    vpath = os.path.join(directory, TARGET_VIIRS)
+    if os.path.exists(vpath):
+        d, feats, v = _read_csv(vpath, monthly=False)
+        if "radiance_mean" not in feats:
+            raise DataError(f"{vpath}: no 'radiance_mean' column in {list(feats)}; expected date,radiance_mean")
+        radiance = (d, v[:, feats.index("radiance_mean")])
+        note(report, f"VIIRS anomaly targets from {vpath}: {len(d)} days")
+    return monthly, month_t, radiance
