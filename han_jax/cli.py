@@ -1,0 +1,194 @@
+"""``han-jax train`` and ``han-jax audit``.
+
+Any configuration value can be overridden with ``--set section.field=value``
+(e.g. ``--set model.d_model=64 --set optim.learning_rate=3e-4``); the common
+ones also have their own flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+import numpy as np
+
+PRESETS = ("small", "tiny", "default")
+
+
+def _coerce(value: str, annotation, current):
+    """Parses a command-line string into the type of a config field."""
+    text = value.strip()
+    if isinstance(current, bool) or annotation in (bool, "bool"):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {value!r}")
+    if text.lower() == "none":
+        return None
+    if isinstance(current, int) and not isinstance(current, bool):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, tuple) or text.startswith(("[", "(")):
+        parsed = json.loads(text.replace("(", "[").replace(")", "]"))
+        return tuple(tuple(x) if isinstance(x, list) else x for x in parsed)
+    if current is None and annotation is not None:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def apply_overrides(config, overrides):
+    """Applies ``section.field=value`` strings to a frozen config tree."""
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected section.field=value")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        config = _set_path(config, parts, value, path)
+    return config
+
+
+def _set_path(node, parts, value, full):
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    name = parts[0]
+    if name not in fields:
+        raise SystemExit(f"--set {full}: {type(node).__name__} has no field {name!r}; fields are {sorted(fields)}")
+    current = getattr(node, name)
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise SystemExit(f"--set {full}: {name!r} is not a section")
+        return dataclasses.replace(node, **{name: _set_path(current, parts[1:], value, full)})
+    try:
+        hints = typing.get_type_hints(type(node))
+    except Exception:  # forward references we cannot resolve: fall back to the value's type
+        hints = {}
+    try:
+        return dataclasses.replace(node, **{name: _coerce(value, hints.get(name), current)})
+    except ValueError as e:
+        raise SystemExit(f"--set {full}: {e}") from None
+
+
+def build_config(args):
+    from han_jax.train import Config, TrainConfig
+
+    config = {"small": Config.small, "tiny": Config.tiny, "default": Config}[args.preset]()
+    if getattr(args, "data", None) == "losses":
+        from han_jax.data import DataConfig
+
+        losses_dir = args.losses_dir or os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
+        d = config.data
+        config = dataclasses.replace(config, data=DataConfig.losses(
+            losses_dir, args.monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
+    train_kw = {}
+    for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("patience", "patience"),
+                        ("seed", "seed"), ("devices", "num_devices")):
+        if getattr(args, flag, None) is not None:
+            train_kw[field] = getattr(args, flag)
+    if train_kw:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_kw))
+    if getattr(args, "policy", None):
+        config = dataclasses.replace(config, policy=args.policy)
+    return apply_overrides(config, args.set or [])
+
+
+def _common(p):
+    p.add_argument("--preset", choices=PRESETS, default="small",
+                   help="small: the README's main job; tiny: tests; default: the original's full-size model and data")
+    p.add_argument("--data", choices=("synthetic", "losses"), default="synthetic",
+                   help="embedded synthetic world (default) or the real public loss data")
+    p.add_argument("--losses-dir", help="directory of russia_losses_*.json (default ../shared/data/losses)")
+    p.add_argument("--monthly-csv-dir", help="optional monthly source / target CSVs for real data (see README)")
+    p.add_argument("--policy", help="precision policy: f32, bf16, f16 or params=..,compute=..,output=..")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config value")
+
+
+def cmd_train(args) -> int:
+    if args.devices and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # On CPU, pmap needs host devices; XLA reads this flag once, before jax starts.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
+    from han_jax.train import train
+
+    config = build_config(args)
+    train(config, args.run_dir, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    """One batch through train_step (dropout off), eval_step and test_step, side by side."""
+    import jax
+
+    from han_jax.data import build_datasets, iterate_batches, make_world
+    from han_jax.steps import create_train_state, jit_steps
+    from han_jax.train import step_config
+
+    config = build_config(args)
+    datasets = build_datasets(make_world(config.data), config.data)
+    model_config = dataclasses.replace(config.model, **datasets.model_layout())
+    scfg = step_config(config, model_config, steps_per_epoch=1)
+    inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size, shuffle=True, seed=config.train.seed))
+    state = create_train_state(jax.random.PRNGKey(config.train.seed), scfg, inputs)
+    steps = jit_steps(scfg)
+    _, train_m = steps.train_deterministic(state, inputs, targets)
+    eval_m = steps.eval(state, inputs, targets)
+    test_m, _ = steps.test(state, inputs, targets)
+    rows = {"train": jax.device_get(train_m), "eval": jax.device_get(eval_m), "test": jax.device_get(test_m)}
+
+    keys = [k for k in eval_m if np.ndim(eval_m[k]) == 0]
+    print(f"han-jax audit: one batch of {int(np.sum(targets.sample_mask))} rows, policy {scfg.policy.name}")
+    print(f"{'metric':30s} {'train_step':>14s} {'eval_step':>14s} {'test_step':>14s}")
+    mismatches = []
+    for k in keys:
+        vals = [float(rows[p][k]) for p in ("train", "eval", "test")]
+        same = np.allclose(vals, vals[1], rtol=1e-5, atol=1e-7, equal_nan=True)
+        if not same:
+            mismatches.append(k)
+        print(f"{k:30s} " + " ".join(f"{v:14.6f}" for v in vals) + ("" if same else "   <-- DIFFERS"))
+    missing = sorted(set(eval_m) ^ set(test_m)) + sorted(set(eval_m) - set(train_m))
+    e = {k: float(rows["eval"][k]) for k in keys}
+    tasks = [k.split("/", 1)[1] for k in keys if k.startswith("loss/")]
+    print("\nWhy the Kendall total and the plain mean differ (identical in all three phases):")
+    print(f"  weighted_total = data_term + uncertainty_term + reg_term = {e['data_term']:.6f} + "
+          f"{e['uncertainty_term']:.6f} + {e['reg_term']:.6f} = {e['weighted_total']:.6f}")
+    for t in tasks:
+        print(f"    {t:15s} raw {e[f'loss/{t}']:10.6f}  x 0.5*weight {0.5 * e[f'weight/{t}']:.4f}"
+              f"  + 0.5*log_var  (included={bool(e[f'included/{t}'])})")
+    print(f"  simple_total   = mean of included raw losses = {e['simple_total']:.6f}")
+    if mismatches or missing:
+        print(f"\nAUDIT FAILED: the shared path disagrees on {mismatches}; key mismatch {missing}")
+        return 1
+    print("\nAUDIT PASSED: train_step, eval_step and test_step agree on every shared metric.")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="han-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train, early-stop on val, score the best checkpoint on test")
+    _common(p)
+    p.add_argument("--run-dir", default="runs/latest")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--devices", type=int, help="pmap over this many local devices")
+    p.add_argument("--resume", action="store_true", help="continue from run-dir's latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (CI)")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("audit", help="prove train/eval/test share one loss path on one batch")
+    _common(p)
+    p.set_defaults(func=cmd_audit)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
