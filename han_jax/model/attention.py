@@ -1,0 +1,118 @@
+"""Masked multi-head attention with torch semantics.
+
+One core (:class:`AttentionCore`) serves every attention of the model: scores in
+the compute dtype, softmax in f32, bool validity masks (True = may attend),
+dropout on the probabilities while training, and ZERO output for a query row
+whose keys are all masked (the original's ``nan_to_num``; Flax's default masking
+would instead average uniformly over the masked keys). Callers apply torch's
+"unmask the first key when every key is masked" rule to key-padding masks
+themselves (``common.unmask_first_if_all_masked``), because in the original it is
+applied to the padding mask before the causal/window mask is combined with it.
+
+:class:`MultiheadAttention` is ``torch.nn.MultiheadAttention`` (packed in_proj
+[D, 3D] with xavier init and zero bias, out_proj with zero bias).
+:class:`CrossAttention` is the original's ``MultiHeadCrossAttention`` (separate
+q/k/v/o Linears, xavier, zero bias, dropout after the output projection).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from han_jax.model.common import Linear, unmask_first_if_all_masked
+from han_jax.precision import Policy
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(hd)) v with validity masks; q [B,Q,H,hd], k/v [B,K,H,hd].
+
+    ``valid`` broadcasts to [B, H, Q, K]. Returns (out [B,Q,H,hd], probs [B,H,Q,K]).
+    """
+
+    dropout: float
+    policy: Policy
+
+    @nn.compact
+    def __call__(self, q, k, v, valid: Optional[jax.Array], deterministic: bool) -> Tuple[jax.Array, jax.Array]:
+        cdt = self.policy.compute_dtype
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        q = (q * scale).astype(cdt)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(cdt)).astype(jnp.float32)
+        if valid is not None:
+            logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if valid is not None:
+            # Rows with no valid key: zero output (torch gives NaN, then nan_to_num).
+            probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0)
+        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v.astype(cdt))
+        return out, probs
+
+
+def combine_masks(key_valid: Optional[jax.Array] = None, attn_valid: Optional[jax.Array] = None):
+    """Key padding [B, K] and attention mask [Q, K] or [B, Q, K] -> [B, 1, Q, K] (or None)."""
+    mask = None
+    if key_valid is not None:
+        mask = key_valid[:, None, None, :]
+    if attn_valid is not None:
+        a = attn_valid[None, None] if attn_valid.ndim == 2 else attn_valid[:, None]
+        mask = a if mask is None else (mask & a)
+    return mask
+
+
+class MultiheadAttention(nn.Module):
+    """``torch.nn.MultiheadAttention(batch_first=True)``; returns (out [B,Q,D], probs [B,H,Q,K])."""
+
+    num_heads: int
+    dropout: float
+    policy: Policy
+    xavier_out: bool = False  # the enclosing module re-inits every nn.Linear with xavier
+
+    @nn.compact
+    def __call__(self, query, key, value, *, valid=None, deterministic: bool):
+        d = query.shape[-1]
+        h = self.num_heads
+        pdt, cdt = self.policy.param_dtype, self.policy.compute_dtype
+        w = self.param("in_proj_kernel", nn.initializers.xavier_uniform(), (d, 3 * d), pdt).astype(cdt)
+        b = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), pdt).astype(cdt)
+        q = query.astype(cdt) @ w[:, :d] + b[:d]
+        k = key.astype(cdt) @ w[:, d : 2 * d] + b[d : 2 * d]
+        v = value.astype(cdt) @ w[:, 2 * d :] + b[2 * d :]
+        split = lambda x: x.reshape(x.shape[:-1] + (h, d // h))
+        out, probs = AttentionCore(self.dropout, self.policy, name="core")(
+            split(q), split(k), split(v), valid, deterministic
+        )
+        out = out.reshape(out.shape[:-2] + (d,))
+        out = Linear(d, self.policy, xavier=self.xavier_out, zero_bias=True, name="out_proj")(out)
+        return out, probs
+
+
+class CrossAttention(nn.Module):
+    """The original's MultiHeadCrossAttention: key mask [B, K] (True = observed)."""
+
+    num_heads: int
+    dropout: float
+    policy: Policy
+
+    @nn.compact
+    def __call__(self, query, kv, key_valid, *, deterministic: bool):
+        d = query.shape[-1]
+        h = self.num_heads
+        lin = lambda name: Linear(d, self.policy, xavier=True, name=name)
+        split = lambda x: x.reshape(x.shape[:-1] + (h, d // h))
+        q = split(lin("query_proj")(query))
+        k = split(lin("key_proj")(kv))
+        v = split(lin("value_proj")(kv))
+        valid = None
+        if key_valid is not None:
+            # Here the first-key rule is applied per query row (ScaledDotProductAttention).
+            valid = unmask_first_if_all_masked(key_valid)[:, None, None, :]
+        out, probs = AttentionCore(self.dropout, self.policy, name="core")(q, k, v, valid, deterministic)
+        out = lin("output_proj")(out.reshape(out.shape[:-2] + (d,)))
+        out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
+        return out, probs

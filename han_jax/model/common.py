@@ -1,0 +1,123 @@
+"""Shared building blocks with torch semantics: Linear/Conv1d inits, norms, GELU, tables.
+
+Initialisers follow the original: torch's default ``Linear``/``Conv1d`` init is
+U(+-1/sqrt(fan_in)) for weight and bias; modules that the original re-initialises
+use xavier-uniform weights with zero bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from han_jax.precision import Policy
+
+LN_EPS = 1e-5
+
+
+def torch_uniform(fan_in: int):
+    """torch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def gelu(x):
+    # torch nn.GELU() is the exact erf form; flax defaults to the tanh approximation.
+    return nn.gelu(x, approximate=False)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear`` with its default init, or xavier/zero-bias when ``xavier``."""
+
+    features: int
+    policy: Policy
+    xavier: bool = False
+    zero_bias: bool = False  # torch MHA's out_proj: default weight init, zero bias
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        if self.xavier:
+            k_init, b_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
+        else:
+            k_init, b_init = torch_uniform(fan_in), torch_uniform(fan_in)
+        if self.zero_bias:
+            b_init = nn.initializers.zeros
+        return nn.Dense(
+            self.features,
+            use_bias=self.use_bias,
+            kernel_init=k_init,
+            bias_init=b_init,
+            dtype=self.policy.compute_dtype,
+            param_dtype=self.policy.param_dtype,
+            name="dense",
+        )(x)
+
+
+class Conv1d(nn.Module):
+    """Centred ``torch.nn.Conv1d(padding=k//2)`` over [B, T, C]; even k yields T+1 steps."""
+
+    features: int
+    kernel_size: int
+    policy: Policy
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        init = torch_uniform(x.shape[-1] * k)
+        return nn.Conv(
+            self.features,
+            kernel_size=(k,),
+            padding=[(k // 2, k // 2)],
+            kernel_init=init,
+            bias_init=init,
+            dtype=self.policy.compute_dtype,
+            param_dtype=self.policy.param_dtype,
+            name="conv",
+        )(x)
+
+
+def layer_norm(policy: Policy, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with torch's epsilon; statistics and output in f32."""
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name=name)
+
+
+def group_norm(num_groups: int, policy: Policy, name: str | None = None) -> nn.GroupNorm:
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name=name
+    )
+
+
+def embed(num: int, features: int, policy: Policy, std: float = 1.0, name: str | None = None) -> nn.Embed:
+    """``nn.Embedding``; std 1.0 is torch's default, 0.02 where the original re-inits."""
+    return nn.Embed(
+        num, features, embedding_init=normal(std), dtype=jnp.float32, param_dtype=policy.param_dtype, name=name
+    )
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+    """The original's sin/cos table [max_len, d_model] (f32 constant)."""
+    pe = np.zeros((max_len, d_model), dtype=np.float32)
+    position = np.arange(max_len, dtype=np.float32)[:, None]
+    div_term = np.exp(np.arange(0, d_model, 2, dtype=np.float32) * (-math.log(10000.0) / d_model))
+    pe[:, 0::2] = np.sin(position * div_term)
+    pe[:, 1::2] = np.cos(position * div_term[: d_model // 2])
+    return pe
+
+
+def unmask_first_if_all_masked(valid: jax.Array) -> jax.Array:
+    """torch's ``kpm[all_masked, 0] = False`` on a validity mask [..., K] (True = attend)."""
+    return valid.at[..., 0].set(valid[..., 0] | ~valid.any(-1))

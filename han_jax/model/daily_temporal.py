@@ -1,0 +1,85 @@
+"""Stage 3: DailyTemporalEncoder (multi-scale convs, temporal gate, 31-day local causal attention)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from han_jax.model.attention import MultiheadAttention, combine_masks
+from han_jax.model.common import (
+    Conv1d,
+    Linear,
+    embed,
+    gelu,
+    group_norm,
+    layer_norm,
+    sinusoidal_table,
+    unmask_first_if_all_masked,
+)
+from han_jax.precision import Policy
+
+
+def local_window_valid(t: int, window: int, causal: bool = True):
+    """[T, T] bool: key j allowed for query i (i-window+1 <= j <= i when causal)."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    if causal:
+        return (j <= i) & (j >= i - window + 1)
+    return (j >= i - window // 2) & (j <= i + window // 2)
+
+
+class DailyTemporalEncoder(nn.Module):
+    """x [B, T, D], mask [B, T] -> [B, T, D].
+
+    The convolutions are centred (non-causal; k=28 sees t-14..t+13) and for even
+    kernels GroupNorm normalises over the T+1 output steps before the trim, as in the
+    original. Only the local attention is causal.
+    """
+
+    d_model: int
+    nhead: int
+    dropout: float
+    window: int
+    max_len: int
+    policy: Policy
+    kernel_sizes: tuple = (3, 7, 14, 28)
+
+    @nn.compact
+    def __call__(self, x, mask, *, deterministic: bool):
+        d, pol, det = self.d_model, self.policy, deterministic
+        t = x.shape[1]
+        residual = x
+        pos = jnp.arange(t)
+        p = jax.nn.softmax(self.param("pos_scale", nn.initializers.ones, (4,), pol.param_dtype).astype(jnp.float32))
+        dow = embed(7, d, pol, name="day_of_week_embedding")(pos % 7)
+        month = embed(12, d, pol, name="month_embedding")((pos // 30) % 12)
+        xe = p[0] * jnp.asarray(sinusoidal_table(self.max_len, d)[:t]) + p[1] * dow + p[2] * month + p[3] * x
+        xe = nn.Dropout(self.dropout)(layer_norm(pol, "pos_norm")(xe), deterministic=det)
+
+        outs = []
+        for i, k in enumerate(self.kernel_sizes):
+            y = Conv1d(d // 4, k, pol, name=f"multi_scale_conv_{i}")(xe)
+            y = group_norm(4, pol, name=f"multi_scale_norm_{i}")(y)  # over all T(+1) steps
+            outs.append(nn.Dropout(self.dropout)(gelu(y), deterministic=det))
+        ms = jnp.concatenate([o[:, :t] for o in outs], axis=-1)
+        ms = Linear(d, pol, name="conv_fusion")(ms)
+        ms = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "conv_fusion_norm")(ms)), deterministic=det)
+
+        g = Linear(d, pol, name="temporal_gate_0")(jnp.concatenate([xe, ms], axis=-1))
+        g = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "temporal_gate_norm")(g)), deterministic=det)
+        g = jax.nn.sigmoid(Linear(d, pol, name="temporal_gate_1")(g).astype(jnp.float32))
+        gf = g * ms + (1.0 - g) * xe
+
+        valid = combine_masks(unmask_first_if_all_masked(mask), local_window_valid(t, self.window))
+        a, _ = MultiheadAttention(self.nhead, self.dropout, pol, name="local_attention")(
+            gf, gf, gf, valid=valid, deterministic=det
+        )
+        a = nn.Dropout(self.dropout)(a, deterministic=det)
+        a = layer_norm(pol, "attn_norm")(gf + a)
+
+        og = jax.nn.sigmoid(Linear(d, pol, name="output_gate")(jnp.concatenate([residual, a], -1)).astype(jnp.float32))
+        out = layer_norm(pol, "output_norm")(og * a + (1.0 - og) * residual)
+        out = nn.Dropout(self.dropout)(out, deterministic=det)
+        rs = self.param("residual_scale", nn.initializers.constant(0.1), (), pol.param_dtype).astype(jnp.float32)
+        return out + rs * residual
