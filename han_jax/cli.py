@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
     from han_jax.train import train
 
     config = build_config(args)
-    train(config, args.run_dir, resume=args.resume, quiet=args.quiet)
+    train(config, args.run_dir, resume=args.resume, quiet=args.quiet, stop_after_epoch=args.stop_after_epoch)
     return 0
 
 
@@ -128,14 +128,12 @@ def cmd_audit(args) -> int:
     """One batch through train_step (dropout off), eval_step and test_step, side by side."""
     import jax
 
-    from han_jax.data import build_datasets, iterate_batches, make_world
+    from han_jax.data import iterate_batches
     from han_jax.steps import create_train_state, jit_steps
-    from han_jax.train import step_config
+    from han_jax.train import prepare
 
     config = build_config(args)
-    datasets = build_datasets(make_world(config.data), config.data)
-    model_config = dataclasses.replace(config.model, **datasets.model_layout())
-    scfg = step_config(config, model_config, steps_per_epoch=1)
+    datasets, scfg = prepare(config)
     inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size, shuffle=True, seed=config.train.seed))
     state = create_train_state(jax.random.PRNGKey(config.train.seed), scfg, inputs)
     steps = jit_steps(scfg)
@@ -182,9 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, help="pmap over this many local devices")
     p.add_argument("--resume", action="store_true", help="continue from run-dir's latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar (CI)")
+    p.add_argument("--stop-after-epoch", type=int, help="end after this epoch's checkpoint (resume later)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("audit", help="prove train/eval/test share one loss path on one batch")
     _common(p)
+    p.add_argument("--epochs", type=int, help="as for train (the schedule is part of the step configuration)")
     p.set_defaults(func=cmd_audit)
     args = parser.parse_args(argv)
     return args.func(args)

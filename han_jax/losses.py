@@ -419,6 +419,34 @@ def _daily_forecast_loss(pred, targets, row, config, axis_name):
 # ---------------------------------------------------------------------------
 
 
+def finite_or_zero_grad(fn):
+    """Wraps ``fn(x) -> (loss, aux)`` so that a non-finite loss sends back zero gradient.
+
+    ``aggregate`` excludes a NaN/inf task with a zero cotangent, but inside the
+    task ``0 * NaN`` is still NaN (e.g. the square of a NaN target's
+    residual), so the exclusion alone would poison every parameter. In torch
+    an excluded loss is simply not in the graph; here the backward pass of the
+    task selects (not multiplies) zeros when its loss is not finite.
+    """
+
+    @jax.custom_vjp
+    def wrapped(x):
+        return fn(x)
+
+    def fwd(x):
+        out, vjp = jax.vjp(fn, x)
+        return out, (vjp, out[0])
+
+    def bwd(res, g):
+        vjp, loss = res
+        (gx,) = vjp(g)
+        ok = jnp.isfinite(loss)
+        return (jax.tree_util.tree_map(lambda v: jnp.where(ok, v, jnp.zeros_like(v)), gx),)
+
+    wrapped.defvjp(fwd, bwd)
+    return wrapped
+
+
 def sanitize_outputs(outputs: Mapping[str, Array], row: Array, axis_name: Optional[str] = None):
     """Casts outputs to f32 and replaces NaN the way the original does.
 
@@ -462,22 +490,24 @@ def compute_losses_with_diagnostics(
     out, nan_in_outputs = sanitize_outputs(outputs, row, axis_name)
     regime_logits = out["regime_logits"]
     chex.assert_rank(regime_logits, 3)
-    b = regime_logits.shape[0]
-    chex.assert_shape(row, (b,))
-    score_last = out["anomaly_score"][:, -1, 0]
+    chex.assert_shape(row, (regime_logits.shape[0],))
+
+    def task(name, fn, keys):
+        # Each task sees only the outputs it scores, behind the finite-gradient gate.
+        loss, count = finite_or_zero_grad(fn)({k: out[k] for k in keys})
+        losses[name], n_valid[name] = loss, count
 
     losses, n_valid = {}, {}
-    losses["regime"], n_valid["regime"] = _regime_loss(regime_logits, targets, row, config, axis_name)
-    losses["transition"], n_valid["transition"] = _transition_loss(score_last, targets, row, config, axis_name)
-    losses["casualty"], n_valid["casualty"] = _casualty_loss(
-        out["casualty_pred"][:, -1, :], out["casualty_var"][:, -1, :], targets, row, config, axis_name
-    )
-    losses["anomaly"], n_valid["anomaly"] = _anomaly_loss(score_last, targets, row, axis_name)
-    losses["forecast"], n_valid["forecast"] = _forecast_loss(out["forecast_pred"], targets, row, axis_name)
+    task("regime", lambda o: _regime_loss(o["regime_logits"], targets, row, config, axis_name), ["regime_logits"])
+    task("transition", lambda o: _transition_loss(o["anomaly_score"][:, -1, 0], targets, row, config, axis_name),
+         ["anomaly_score"])
+    task("casualty", lambda o: _casualty_loss(o["casualty_pred"][:, -1, :], o["casualty_var"][:, -1, :], targets,
+                                              row, config, axis_name), ["casualty_pred", "casualty_var"])
+    task("anomaly", lambda o: _anomaly_loss(o["anomaly_score"][:, -1, 0], targets, row, axis_name), ["anomaly_score"])
+    task("forecast", lambda o: _forecast_loss(o["forecast_pred"], targets, row, axis_name), ["forecast_pred"])
     if "daily_forecast_pred" in out:
-        losses["daily_forecast"], n_valid["daily_forecast"] = _daily_forecast_loss(
-            out["daily_forecast_pred"], targets, row, config, axis_name
-        )
+        task("daily_forecast", lambda o: _daily_forecast_loss(o["daily_forecast_pred"], targets, row, config, axis_name),
+             ["daily_forecast_pred"])
     losses = {k: v.astype(jnp.float32) for k, v in losses.items()}
     return losses, LossDiagnostics(nan_in_outputs=nan_in_outputs, n_valid=n_valid)
 

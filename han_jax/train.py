@@ -119,19 +119,35 @@ class _Checkpoints:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                             meta=ocp.args.JsonRestore()))
-        return out.state, out.meta
+        # orbax hands back device-committed arrays; a fresh state is uncommitted, and jit
+        # keys its cache on that, so a resumed run would recompile every step. Hand back
+        # uncommitted arrays, exactly as create_train_state does.
+        state = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), out.state)
+        return state, out.meta
 
     def close(self):
         self.latest.close()
         self.best.close()
 
 
-def _replicate(tree, n):
-    return jax.device_put_replicated(tree, jax.local_devices()[:n])
+def replicate(tree, n):
+    """A leading device axis of size n (pmap places each slice on its device)."""
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
 
 
 def _unreplicate(tree):
     return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def _start_epoch(state: TrainState, epoch: int, replicated: bool) -> TrainState:
+    """Sets the schedule's epoch and drops a partial accumulation (the original's zero_grad)."""
+    if replicated:
+        return _pmapped_start_epoch(state, jnp.full((state.epoch.shape[0],), epoch, jnp.int32))
+    return _jitted_start_epoch(state, jnp.int32(epoch))
+
+
+_jitted_start_epoch = jax.jit(lambda s, e: reset_accumulation(s.replace(epoch=jnp.full_like(s.epoch, e))))
+_pmapped_start_epoch = jax.pmap(lambda s, e: reset_accumulation(s.replace(epoch=jnp.full_like(s.epoch, e))))
 
 
 def run_phase(step_fn, state, split, batch_size: int, *, num_devices: int, shuffle=False, seed=0, epoch=0,
@@ -166,7 +182,24 @@ def _epoch_line(epoch, train_m, val_m, best_marker) -> str:
     )
 
 
-def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = False, log=print) -> dict:
+def prepare(config: Config, log=None):
+    """Builds the datasets and the step configuration (model layout from the data)."""
+    datasets = build_datasets(make_world(config.data), config.data)
+    if log is not None:
+        for line in datasets.report:
+            log(f"data: {line}")
+    model_config = dataclasses.replace(config.model, **datasets.model_layout())
+    n_train_batches = num_batches(datasets.train, config.train.batch_size)
+    steps_per_epoch = max(1, n_train_batches // config.optim.accumulation_steps)
+    scfg = step_config(config, model_config, steps_per_epoch)
+    if log is not None:
+        log(f"data: train/val/test anchors {len(datasets.train)}/{len(datasets.val)}/{len(datasets.test)}; "
+            f"daily {model_config.daily_sources}; monthly {model_config.monthly_sources}")
+    return datasets, scfg
+
+
+def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = False, log=print,
+          stop_after_epoch: Optional[int] = None) -> dict:
     """Trains, early-stops on validation ``weighted_total``, scores the best state on every split.
 
     Writes ``config.json``, ``metrics.jsonl`` (one line per epoch and phase,
@@ -179,16 +212,9 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config_to_dict(config), f, indent=1)
 
-    datasets = build_datasets(make_world(config.data), config.data)
-    for line in datasets.report:
-        log(f"data: {line}")
-    model_config = dataclasses.replace(config.model, **datasets.model_layout())
+    datasets, scfg = prepare(config, log=log)
+    model_config = scfg.model
     n_train_batches = num_batches(datasets.train, tc.batch_size)
-    steps_per_epoch = max(1, n_train_batches // config.optim.accumulation_steps)
-    scfg = step_config(config, model_config, steps_per_epoch)
-    log(f"data: train/val/test anchors {len(datasets.train)}/{len(datasets.val)}/{len(datasets.test)}; "
-        f"daily {model_config.daily_sources}; monthly {model_config.monthly_sources}")
-
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))
     state = create_train_state(jax.random.PRNGKey(tc.seed), scfg, sample_inputs)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
@@ -212,14 +238,13 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
 
     steps = pmap_steps(scfg) if tc.num_devices > 1 else jit_steps(scfg)
     if tc.num_devices > 1:
-        state = _replicate(state, tc.num_devices)
+        state = replicate(state, tc.num_devices)
     to_host = _unreplicate if tc.num_devices > 1 else (lambda s: s)
 
     from tqdm import tqdm
 
     for epoch in range(start_epoch, tc.epochs):
-        set_epoch = lambda s: reset_accumulation(s.replace(epoch=jnp.full_like(s.epoch, epoch)))
-        state = jax.jit(set_epoch)(state) if tc.num_devices == 1 else jax.pmap(set_epoch)(state)
+        state = _start_epoch(state, epoch, tc.num_devices > 1)
         bar = tqdm(total=n_train_batches, desc=f"epoch {epoch}", disable=quiet, leave=False, file=sys.stderr)
         state, train_m, secs = run_phase(steps.train, state, datasets.train, tc.batch_size, num_devices=tc.num_devices,
                                          shuffle=True, seed=tc.seed, epoch=epoch, progress=bar, train=True)
@@ -253,6 +278,10 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
         ckpt.save(ckpt.latest, epoch, host_state, meta)
         if improved:
             ckpt.save(ckpt.best, epoch, host_state, meta)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            log(f"stopping after epoch {epoch} as asked; continue with --resume")
+            ckpt.close()
+            return {"stopped_after_epoch": epoch}
         if bad_epochs >= tc.patience:
             log(f"early stopping at epoch {epoch}: no val improvement for {tc.patience} epochs")
             break

@@ -44,3 +44,22 @@ def random_batch(config: ModelConfig, b=4, t=60, m=3, seed=0, n_real=None, p_obs
         monthly_obs_rate=np.where(np.arange(b) % 2 == 0, 0.9, 0.3).astype(np.float32),
     )
     return inputs, targets
+
+
+TINY_EPOCHS = 3
+
+
+def tiny_config():
+    """``han-jax train --preset tiny --epochs 3``: the configuration the CLI tests run."""
+    import dataclasses
+
+    from han_jax.train import Config
+
+    config = Config.tiny()
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=TINY_EPOCHS))
+
+
+def tiny_step_config():
+    from han_jax.train import prepare
+
+    return prepare(tiny_config())[1]

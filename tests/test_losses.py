@@ -323,3 +323,26 @@ def test_temporal_regularization_matches_reference():
     # divided by 1e-8, as in the original; it is a correlation, so it stays within [0, ~1].
     assert 0.0 <= float(parts["regime_corr"]) <= 1.0 + 1e-3
     assert set(parts) == {"casualty_corr", "casualty_smooth", "regime_corr"}
+
+
+def test_nan_task_is_excluded_without_poisoning_gradients():
+    from han_jax.aggregate import aggregate, init_log_vars
+
+    rng = np.random.default_rng(17)
+    outputs = {k: jnp.asarray(v) for k, v in make_outputs(rng).items()}
+    t = make_targets(rng, p_valid=1.0)
+    t["forecast_targets"][0, -1, 0] = np.nan  # a corrupt target at a valid position
+    targets = to_targets(t)
+    losses = compute_losses(outputs, targets)
+    assert np.isnan(float(losses["forecast"]))
+
+    def total(o):
+        return aggregate(compute_losses(o, targets), init_log_vars())[0]
+
+    value, info = aggregate(losses, init_log_vars())
+    assert np.isfinite(float(value)) and not bool(info.included["forecast"])
+    grads = jax.grad(total)(outputs)
+    for name, g in grads.items():
+        assert np.all(np.isfinite(np.asarray(g))), name
+    np.testing.assert_array_equal(np.asarray(grads["forecast_pred"]), 0.0)
+    assert np.abs(np.asarray(grads["regime_logits"])).sum() > 0  # the other tasks still learn
