@@ -102,7 +102,8 @@ class _Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        # Synchronous saves: the loop waits for each save anyway (exact resume needs it on disk).
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
         self.latest = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints", "latest")), options=opts)
         self.best = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints", "best")), options=opts)
 
