@@ -124,3 +124,30 @@ class VariantsTest(chex.TestCase):
         want = aggregate(losses, log_vars)
         got = self.variant(aggregate)(losses, log_vars)
         chex.assert_trees_all_close(got, want, rtol=1e-6)
+
+
+# --- properties over arbitrary inputs (hypothesis) -------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_loss_values = st.one_of(
+    st.floats(min_value=2.0**-20, max_value=2.0**27, allow_nan=False, width=32),
+    st.sampled_from([0.0, np.nan, np.inf, -np.inf, 1e6, 5e6]),
+)
+_log_vars = st.floats(min_value=-4.0, max_value=4.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(losses=st.lists(_loss_values, min_size=6, max_size=6), lvs=st.lists(_log_vars, min_size=6, max_size=6))
+def test_property_matches_reference_and_gradients_stay_finite(losses, lvs):
+    loss_tree = {t: jnp.float32(v) for t, v in zip(TASK_NAMES, losses)}
+    lv_tree = {t: jnp.float32(v) for t, v in zip(TASK_NAMES, lvs)}
+    total, info = aggregate(loss_tree, lv_tree)
+    np.testing.assert_allclose(float(total), reference_aggregate(loss_tree, lv_tree, TASK_NAMES), rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(float(info.data_term + info.uncertainty_term + info.reg_term), float(total),
+                               rtol=1e-5, atol=1e-6)
+    for t in TASK_NAMES:
+        ok = np.isfinite(float(loss_tree[t])) and float(loss_tree[t]) != 0
+        assert bool(info.included[t]) == ok
+    g_loss, g_lv = jax.grad(lambda l, v: aggregate(l, v)[0], argnums=(0, 1))(loss_tree, lv_tree)
+    assert all(np.isfinite(float(g)) for g in jax.tree_util.tree_leaves((g_loss, g_lv)))
