@@ -54,7 +54,8 @@ class MetricAccumulator:
         for key, total in self._sums.items():
             if key in self._weights:
                 w = self._weights[key]
-                out[key] = float(total / w) if w > 0 else float("nan")
+                # No valid row all epoch: the metric does not exist (null in JSON), it is not 0.
+                out[key] = float(total / w) if w > 0 else None
             else:
                 out[key] = total.tolist() if np.ndim(total) else float(total)
         out.update({k: float(v) for k, v in self._last.items()})

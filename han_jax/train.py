@@ -321,7 +321,8 @@ def final_table(final: dict) -> str:
     keys += ["regime_accuracy", "regime_balanced_accuracy", "casualty_mae", "anomaly_mse", "forecast_mse", "n_rows"]
     lines = [f"{'metric':28s} {'train':>12s} {'val':>12s} {'test':>12s}"]
     for k in keys:
-        lines.append(f"{k:28s} " + " ".join(f"{final[p].get(k, float('nan')):12.4f}" for p in ("train", "val", "test")))
+        cells = [final[p].get(k) for p in ("train", "val", "test")]
+        lines.append(f"{k:28s} " + " ".join(f"{'n/a':>12s}" if v is None else f"{v:12.4f}" for v in cells))
     return "Final metrics (best checkpoint, one shared path for every split):\n" + "\n".join(lines)
 
 
