@@ -132,8 +132,13 @@ class _Checkpoints:
 
 
 def replicate(tree, n):
-    """A leading device axis of size n (pmap places each slice on its device)."""
-    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+    """One copy per device, laid out as pmap's own outputs are.
+
+    Broadcasting alone leaves the copies on one device; pmap would then see its
+    sharded output as a new kind of input on the second step and compile again.
+    """
+    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+    return jax.pmap(lambda x: x)(stacked)
 
 
 def _unreplicate(tree):

@@ -32,15 +32,44 @@ class AttentionCore(nn.Module):
     """softmax(q k^T / sqrt(hd)) v with validity masks; q [B,Q,H,hd], k/v [B,K,H,hd].
 
     ``valid`` broadcasts to [B, H, Q, K]. Returns (out [B,Q,H,hd], probs [B,H,Q,K]).
+
+    When no dropout can act on the probabilities (``deterministic`` or rate 0) the
+    output comes from ``jax.nn.dot_product_attention`` (``implementation``: None lets
+    JAX choose, e.g. a fused cuDNN kernel on GPU; "xla" forces the XLA path), times
+    "row has a valid key" so that fully masked rows stay zero. ``probs`` is then
+    computed separately for callers that return attention maps; XLA drops it when
+    it is unused. Training with dropout keeps the explicit path.
     """
 
     dropout: float
     policy: Policy
+    fused: bool = True
+    implementation: Optional[str] = None
 
     @nn.compact
     def __call__(self, q, k, v, valid: Optional[jax.Array], deterministic: bool) -> Tuple[jax.Array, jax.Array]:
         cdt = self.policy.compute_dtype
         scale = 1.0 / math.sqrt(q.shape[-1])
+        probs = self.probabilities(q, k, valid, scale)
+        if self.fused and (deterministic or self.dropout == 0.0):
+            mask = None
+            if valid is not None:
+                b, qn, h, kn = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+                mask = jnp.broadcast_to(valid, (b, valid.shape[1], qn, kn))
+            out = jax.nn.dot_product_attention(
+                q.astype(cdt), k.astype(cdt), v.astype(cdt), mask=mask, scale=scale,
+                implementation=self.implementation,
+            )
+            if valid is not None:
+                row_ok = jnp.any(mask, axis=-1)  # [B, 1|H, Q]
+                out = out * jnp.swapaxes(row_ok, 1, 2)[..., None].astype(out.dtype)
+            return out, probs
+        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v.astype(cdt))
+        return out, probs
+
+    def probabilities(self, q, k, valid, scale):
+        cdt = self.policy.compute_dtype
         q = (q * scale).astype(cdt)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(cdt)).astype(jnp.float32)
         if valid is not None:
@@ -49,9 +78,7 @@ class AttentionCore(nn.Module):
         if valid is not None:
             # Rows with no valid key: zero output (torch gives NaN, then nan_to_num).
             probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0)
-        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v.astype(cdt))
-        return out, probs
+        return probs
 
 
 def combine_masks(key_valid: Optional[jax.Array] = None, attn_valid: Optional[jax.Array] = None):
@@ -80,9 +107,12 @@ class MultiheadAttention(nn.Module):
         pdt, cdt = self.policy.param_dtype, self.policy.compute_dtype
         w = self.param("in_proj_kernel", nn.initializers.xavier_uniform(), (d, 3 * d), pdt).astype(cdt)
         b = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), pdt).astype(cdt)
-        q = query.astype(cdt) @ w[:, :d] + b[:d]
-        k = key.astype(cdt) @ w[:, d : 2 * d] + b[d : 2 * d]
-        v = value.astype(cdt) @ w[:, 2 * d :] + b[2 * d :]
+        if query is key and key is value:  # self-attention: one packed [D, 3D] projection
+            q, k, v = jnp.split(query.astype(cdt) @ w + b, 3, axis=-1)
+        else:
+            q = query.astype(cdt) @ w[:, :d] + b[:d]
+            k = key.astype(cdt) @ w[:, d : 2 * d] + b[d : 2 * d]
+            v = value.astype(cdt) @ w[:, 2 * d :] + b[2 * d :]
         split = lambda x: x.reshape(x.shape[:-1] + (h, d // h))
         out, probs = AttentionCore(self.dropout, self.policy, name="core")(
             split(q), split(k), split(v), valid, deterministic
