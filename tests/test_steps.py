@@ -159,3 +159,28 @@ def test_learning_rate_schedule_is_the_originals():
     np.testing.assert_allclose(float(sched(200)), 1e-6, rtol=1e-4)
     short = learning_rate_schedule(OptimConfig(num_epochs=3))  # effective warmup min(10, max(1, 2)) = 2
     np.testing.assert_allclose(float(short(1)), 1e-6 + 0.5 * (1e-4 - 1e-6), rtol=1e-5)
+
+
+def test_train_only_temporal_regulariser_and_source_dropout(batch):
+    """Both train-only extras (off by default): the regulariser is added to the objective and
+    reported apart; source dropout zeroes a monthly source's features and masks for the batch."""
+    from han_jax.config import RegularizationConfig
+
+    reg = RegularizationConfig(temporal_reg=True, source_dropout=True, source_dropout_prob=1.0,
+                               source_dropout_sources=("hdx_conflict",))
+    cfg = dataclasses.replace(CFG, model=dataclasses.replace(MODEL, dropout=0.0), regularization=reg)
+    inputs, targets = batch
+    state = create_train_state(jax.random.PRNGKey(2), cfg, inputs)
+    steps = jit_steps(cfg)
+    _, m = steps.train(jax.tree_util.tree_map(jnp.copy, state), inputs, targets)
+    assert float(m["temporal_reg"]) > 0
+    np.testing.assert_allclose(float(m["objective"]), float(m["weighted_total"] + m["temporal_reg"]), rtol=1e-6)
+    dropped = inputs.replace(
+        monthly_features={**inputs.monthly_features, "hdx_conflict": np.zeros_like(inputs.monthly_features["hdx_conflict"])},
+        monthly_masks={**inputs.monthly_masks, "hdx_conflict": np.zeros_like(inputs.monthly_masks["hdx_conflict"])},
+    )
+    # With model dropout 0, train sees exactly what eval sees on the dropped inputs ...
+    np.testing.assert_allclose(float(m["weighted_total"]), float(steps.eval(state, dropped, targets)["weighted_total"]),
+                               rtol=1e-5)
+    # ... and eval itself never drops a source.
+    assert float(steps.eval(state, inputs, targets)["weighted_total"]) != float(m["weighted_total"])
