@@ -348,6 +348,13 @@ def _read_csv(path: str, monthly: bool) -> Tuple[np.ndarray, Tuple[str, ...], np
     return dates, tuple(feats), v
 
 
+def _fatality_targets(dates, fatalities: np.ndarray, origin: str) -> MonthTargets:
+    """Monthly casualty targets from a fatalities column (valid where present, counts >= 0)."""
+    if np.any(fatalities[~np.isnan(fatalities)] < 0):
+        raise DataError(f"{origin}: column 'fatalities' has negative values; expected counts >= 0")
+    return MonthTargets(dates, np.nan_to_num(fatalities), ~np.isnan(fatalities))
+
+
 def _read_monthly_dir(directory: Optional[str], report):
     monthly: Dict[str, SourceTable] = {}
     if directory is None:
@@ -369,17 +376,11 @@ def _read_monthly_dir(directory: Optional[str], report):
         d, feats, v = _read_csv(fpath, monthly=True)
         if "fatalities" not in feats:
             raise DataError(f"{fpath}: no 'fatalities' column in {list(feats)}; expected date,fatalities")
-        f = v[:, feats.index("fatalities")]
-        if np.any(f[~np.isnan(f)] < 0):
-            raise DataError(f"{fpath}: column 'fatalities' has negative values; expected counts >= 0")
-        month_t = MonthTargets(d, np.nan_to_num(f), ~np.isnan(f))
+        month_t = _fatality_targets(d, v[:, feats.index("fatalities")], fpath)
         note(report, f"casualty targets from {fpath}: {int((~np.isnan(f)).sum())} valid months")
     elif "hdx_conflict" in monthly and "fatalities" in monthly["hdx_conflict"].feature_names:
         t = monthly["hdx_conflict"]
-        f = t.values[:, t.feature_names.index("fatalities")]
-        if np.any(f[~np.isnan(f)] < 0):
-            raise DataError(f"{t.origin}: column 'fatalities' has negative values; expected counts >= 0")
-        month_t = MonthTargets(t.dates, np.nan_to_num(f), ~np.isnan(f))
+        month_t = _fatality_targets(t.dates, t.values[:, t.feature_names.index("fatalities")], t.origin)
         note(report, f"casualty targets from the 'fatalities' column of {t.origin} (the original's input/target leakage)")
     radiance = None
     vpath = os.path.join(directory, TARGET_VIIRS)
