@@ -159,9 +159,10 @@ def cmd_audit(args) -> int:
     print(f"  weighted_total = data_term + uncertainty_term + reg_term = {e['data_term']:.6f} + "
           f"{e['uncertainty_term']:.6f} + {e['reg_term']:.6f} = {e['weighted_total']:.6f}")
     for t in tasks:
-        lv = float(np.clip(float(state.log_vars[t]), -2.0, 2.0))
+        agg = scfg.aggregate
+        lv = float(np.clip(float(state.log_vars[t]), -agg.log_var_clip, agg.log_var_clip))
         loss, w, inc = e[f"loss/{t}"], e[f"weight/{t}"], bool(e[f"included/{t}"])
-        contribution = (0.5 * w * min(loss, 1e6) + 0.5 * lv) if inc else 0.0
+        contribution = (0.5 * w * min(loss, agg.max_task_loss) + 0.5 * lv) if inc else 0.0
         print(f"    {t:15s} 0.5 x weight {w:.4f} x raw {loss:9.6f} + 0.5 x log_var {lv:+.4f} = {contribution:9.6f}"
               + ("" if inc else "  (excluded)"))
     print(f"  simple_total   = mean of included raw losses = {e['simple_total']:.6f}")

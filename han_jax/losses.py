@@ -241,6 +241,18 @@ class LossDiagnostics(NamedTuple):
     n_valid: dict
 
 
+def regime_labels(phase_index: Array, n_classes: int, phase_to_coarse) -> Array:
+    """Class labels for a ``n_classes``-way regime head from the 11 phase indices.
+
+    A head with as many classes as phases reads the phase directly; any other size
+    reads the original's coarse map (``[0,0,0,1,1,2,2,2,3,3,3]`` for 4 classes).
+    """
+    phase = jnp.clip(phase_index.astype(jnp.int32), 0, len(phase_to_coarse) - 1)
+    if n_classes != len(phase_to_coarse):
+        phase = jnp.asarray(phase_to_coarse, jnp.int32)[phase]
+    return jnp.clip(phase, 0, n_classes - 1)
+
+
 def _regime_loss(logits_seq, targets, row, config, axis_name):
     b, m, k = logits_seq.shape
     last = logits_seq[:, -1, :]
@@ -266,12 +278,7 @@ def _regime_loss(logits_seq, targets, row, config, axis_name):
         loss = 0.1 * (kl_fwd + kl_bwd) / 2 + 0.1 * jnp.abs(0.5 * log_k - mean_ent)
         return loss, jnp.float32(0.0)
 
-    phase = jnp.clip(targets.phase_index.astype(jnp.int32), 0, len(config.phase_to_coarse) - 1)
-    if k != len(config.phase_to_coarse):
-        labels = jnp.asarray(config.phase_to_coarse, jnp.int32)[phase]
-    else:
-        labels = phase
-    labels = jnp.clip(labels, 0, k - 1)
+    labels = regime_labels(targets.phase_index, k, config.phase_to_coarse)
     valid = row & targets.phase_valid.astype(bool)
 
     one_hot = jax.nn.one_hot(labels, k, dtype=jnp.float32) * valid[:, None]

@@ -47,6 +47,7 @@ from han_jax.losses import (
     compute_losses_with_diagnostics,
     masked_mean,
     masked_sum,
+    regime_labels,
     temporal_regularization,
     zinb_parameters,
 )
@@ -241,8 +242,7 @@ def _task_metrics(outputs, targets: Targets, row, config: StepConfig, axis_name)
     logits = outputs["regime_logits"][:, -1].astype(jnp.float32)
     k = logits.shape[-1]
     if targets.phase_index is not None and targets.phase_valid is not None:
-        phase = jnp.clip(targets.phase_index.astype(jnp.int32), 0, len(config.loss.phase_to_coarse) - 1)
-        labels = jnp.asarray(config.loss.phase_to_coarse, jnp.int32)[phase] if k != len(config.loss.phase_to_coarse) else phase
+        labels = regime_labels(targets.phase_index, k, config.loss.phase_to_coarse)
         valid = row & targets.phase_valid.astype(bool)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         m["regime_accuracy"], m["n/regime"] = masked_mean(correct, valid, axis_name=axis_name)

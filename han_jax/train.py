@@ -152,8 +152,12 @@ def _start_epoch(state: TrainState, epoch: int, replicated: bool) -> TrainState:
     return _jitted_start_epoch(state, jnp.int32(epoch))
 
 
-_jitted_start_epoch = jax.jit(lambda s, e: reset_accumulation(s.replace(epoch=jnp.full_like(s.epoch, e))))
-_pmapped_start_epoch = jax.pmap(lambda s, e: reset_accumulation(s.replace(epoch=jnp.full_like(s.epoch, e))))
+def _set_epoch(state: TrainState, epoch) -> TrainState:
+    return reset_accumulation(state.replace(epoch=jnp.full_like(state.epoch, epoch)))
+
+
+_jitted_start_epoch = jax.jit(_set_epoch)
+_pmapped_start_epoch = jax.pmap(_set_epoch)
 
 
 def run_phase(step_fn, state, split, batch_size: int, *, num_devices: int, shuffle=False, seed=0, epoch=0,
