@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from han_jax.model.common import Linear, unmask_first_if_all_masked
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -64,7 +65,7 @@ class AttentionCore(nn.Module):
                 row_ok = jnp.any(mask, axis=-1)  # [B, 1|H, Q]
                 out = out * jnp.swapaxes(row_ok, 1, 2)[..., None].astype(out.dtype)
             return out, probs
-        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+        probs = Dropout(self.dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v.astype(cdt))
         return out, probs
 
@@ -144,5 +145,5 @@ class CrossAttention(nn.Module):
             valid = unmask_first_if_all_masked(key_valid)[:, None, None, :]
         out, probs = AttentionCore(self.dropout, self.policy, name="core")(q, k, v, valid, deterministic)
         out = lin("output_proj")(out.reshape(out.shape[:-2] + (d,)))
-        out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
+        out = Dropout(self.dropout)(out, deterministic=deterministic)
         return out, probs

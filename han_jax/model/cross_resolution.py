@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import CrossAttention
 from han_jax.model.common import Linear, gelu, layer_norm, normal
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -82,8 +83,8 @@ class CrossResolutionFusion(nn.Module):
             )
 
         def ffn(x, name):
-            f = nn.Dropout(self.dropout)(gelu(Linear(4 * d, pol, name=f"{name}_0")(x)), deterministic=det)
-            return nn.Dropout(self.dropout)(Linear(d, pol, name=f"{name}_1")(f), deterministic=det)
+            f = Dropout(self.dropout)(gelu(Linear(4 * d, pol, name=f"{name}_0")(x)), deterministic=det)
+            return Dropout(self.dropout)(Linear(d, pol, name=f"{name}_1")(f), deterministic=det)
 
         _ = layer_norm(pol, "ffn_norm_daily")(a + ffn(a, "ffn_daily"))  # discarded, as in the original
         b = layer_norm(pol, "ffn_norm_monthly")(b + ffn(b, "ffn_monthly"))

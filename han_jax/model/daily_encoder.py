@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import combine_masks
 from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
+from han_jax.model.dropout import Dropout
 from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
 from han_jax.precision import Policy
 
@@ -44,7 +45,7 @@ class DailySourceEncoder(nn.Module):
         x = soft_compress(x)
         h = Linear(d, pol, xavier=True, name="feature_projection")(x)
         h = gelu(layer_norm(pol, "feature_norm")(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
         h = jnp.where(jnp.any(jnp.abs(h) > 1000), jnp.clip(h, -100, 100), h)
 
         obs = jnp.any(m, axis=-1)  # [B, T]
@@ -54,7 +55,7 @@ class DailySourceEncoder(nn.Module):
         self.param("feature_embedding", normal(0.02), (self.n_features, d), pol.param_dtype)
         h = h + embed(2, d, pol, std=0.02, name="observation_status_embedding")(obs.astype(jnp.int32))
         h = h + jnp.asarray(sinusoidal_table(self.max_len, d)[:t])
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
 
         key_valid = unmask_first_if_all_masked(obs)
         valid = combine_masks(key_valid, causal_valid(t) if self.causal else None)

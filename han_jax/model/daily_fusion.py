@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import MultiheadAttention, combine_masks
 from han_jax.model.common import Conv1d, Linear, embed, gelu, layer_norm, unmask_first_if_all_masked
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -28,7 +29,7 @@ class TemporalGatePositionalEncoding(nn.Module):
         dow = embed(7, self.d_model, self.policy, std=0.02, name="day_of_week_embedding")(t % 7)
         s = jax.nn.softmax(self.param("scale", nn.initializers.ones, (3,), self.policy.param_dtype).astype(jnp.float32))
         out = layer_norm(self.policy, "layer_norm")(s[0] * pos + s[1] * dow + s[2] * x)
-        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+        return Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 class TemporalSourceGate(nn.Module):
@@ -55,10 +56,10 @@ class TemporalSourceGate(nn.Module):
         outs = []
         for i, (k, c) in enumerate(zip(self.kernel_sizes, channels)):
             y = Conv1d(c, k, pol, name=f"multi_scale_convs_{i}")(x)[:, :t]
-            outs.append(nn.Dropout(self.dropout)(gelu(y), deterministic=det))
+            outs.append(Dropout(self.dropout)(gelu(y), deterministic=det))
         h = jnp.concatenate(outs, axis=-1)
         h = Linear(d, pol, name="scale_fusion")(h)
-        h = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "scale_fusion_norm")(h)), deterministic=det)
+        h = Dropout(self.dropout)(gelu(layer_norm(pol, "scale_fusion_norm")(h)), deterministic=det)
         h = TemporalGatePositionalEncoding(d, self.max_len, self.dropout, pol, name="temporal_encoding")(
             h, deterministic=det
         )
@@ -66,10 +67,10 @@ class TemporalSourceGate(nn.Module):
         a, _ = MultiheadAttention(self.nhead, self.dropout, pol, name="temporal_attention")(
             h, h, h, valid=mask, deterministic=det
         )
-        h = layer_norm(pol, "attn_norm")(h + nn.Dropout(self.dropout)(a, deterministic=det))
+        h = layer_norm(pol, "attn_norm")(h + Dropout(self.dropout)(a, deterministic=det))
         g = Linear(d, pol, name="gate_projection_0")(h)
-        g = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "gate_projection_norm")(g)), deterministic=det)
-        g = nn.Dropout(self.dropout)(gelu(Linear(d // 2, pol, name="gate_projection_1")(g)), deterministic=det)
+        g = Dropout(self.dropout)(gelu(layer_norm(pol, "gate_projection_norm")(g)), deterministic=det)
+        g = Dropout(self.dropout)(gelu(Linear(d // 2, pol, name="gate_projection_1")(g)), deterministic=det)
         logits = Linear(self.n_sources, pol, name="gate_projection_2")(g).astype(jnp.float32)
         temp = self.param("learnable_temp", nn.initializers.ones, (), pol.param_dtype).astype(jnp.float32)
         return jax.nn.softmax(logits / (jnp.abs(temp) + 0.1), axis=-1)
@@ -101,8 +102,8 @@ class DailyCrossSourceFusion(nn.Module):
             )
             z = layer_norm(pol, f"layer_norms_{i}")(z + a)
             f = Linear(4 * d, pol, name=f"ffn_{i}_0")(z)
-            f = nn.Dropout(self.dropout)(gelu(f), deterministic=det)
-            f = nn.Dropout(self.dropout)(Linear(d, pol, name=f"ffn_{i}_1")(f), deterministic=det)
+            f = Dropout(self.dropout)(gelu(f), deterministic=det)
+            f = Dropout(self.dropout)(Linear(d, pol, name=f"ffn_{i}_1")(f), deterministic=det)
             z = layer_norm(pol, f"ffn_norms_{i}")(z + f)
         z = z.reshape(b, t, s, d)
         w = TemporalSourceGate(d, s, 4, self.dropout, self.max_len, pol, name="source_gate")(
@@ -110,6 +111,6 @@ class DailyCrossSourceFusion(nn.Module):
         )
         y = (z * w[..., None]).reshape(b, t, s * d)
         y = Linear(2 * d, pol, name="output_projection_0")(y)
-        y = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "output_projection_norm0")(y)), deterministic=det)
+        y = Dropout(self.dropout)(gelu(layer_norm(pol, "output_projection_norm0")(y)), deterministic=det)
         y = Linear(d, pol, name="output_projection_1")(y)
         return layer_norm(pol, "output_projection_norm1")(y), combined

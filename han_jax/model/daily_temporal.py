@@ -17,6 +17,7 @@ from han_jax.model.common import (
     sinusoidal_table,
     unmask_first_if_all_masked,
 )
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -55,19 +56,19 @@ class DailyTemporalEncoder(nn.Module):
         dow = embed(7, d, pol, name="day_of_week_embedding")(pos % 7)
         month = embed(12, d, pol, name="month_embedding")((pos // 30) % 12)
         xe = p[0] * jnp.asarray(sinusoidal_table(self.max_len, d)[:t]) + p[1] * dow + p[2] * month + p[3] * x
-        xe = nn.Dropout(self.dropout)(layer_norm(pol, "pos_norm")(xe), deterministic=det)
+        xe = Dropout(self.dropout)(layer_norm(pol, "pos_norm")(xe), deterministic=det)
 
         outs = []
         for i, k in enumerate(self.kernel_sizes):
             y = Conv1d(d // 4, k, pol, name=f"multi_scale_conv_{i}")(xe)
             y = group_norm(4, pol, name=f"multi_scale_norm_{i}")(y)  # over all T(+1) steps
-            outs.append(nn.Dropout(self.dropout)(gelu(y), deterministic=det))
+            outs.append(Dropout(self.dropout)(gelu(y), deterministic=det))
         ms = jnp.concatenate([o[:, :t] for o in outs], axis=-1)
         ms = Linear(d, pol, name="conv_fusion")(ms)
-        ms = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "conv_fusion_norm")(ms)), deterministic=det)
+        ms = Dropout(self.dropout)(gelu(layer_norm(pol, "conv_fusion_norm")(ms)), deterministic=det)
 
         g = Linear(d, pol, name="temporal_gate_0")(jnp.concatenate([xe, ms], axis=-1))
-        g = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "temporal_gate_norm")(g)), deterministic=det)
+        g = Dropout(self.dropout)(gelu(layer_norm(pol, "temporal_gate_norm")(g)), deterministic=det)
         g = jax.nn.sigmoid(Linear(d, pol, name="temporal_gate_1")(g).astype(jnp.float32))
         gf = g * ms + (1.0 - g) * xe
 
@@ -75,11 +76,11 @@ class DailyTemporalEncoder(nn.Module):
         a, _ = MultiheadAttention(self.nhead, self.dropout, pol, name="local_attention")(
             gf, gf, gf, valid=valid, deterministic=det
         )
-        a = nn.Dropout(self.dropout)(a, deterministic=det)
+        a = Dropout(self.dropout)(a, deterministic=det)
         a = layer_norm(pol, "attn_norm")(gf + a)
 
         og = jax.nn.sigmoid(Linear(d, pol, name="output_gate")(jnp.concatenate([residual, a], -1)).astype(jnp.float32))
         out = layer_norm(pol, "output_norm")(og * a + (1.0 - og) * residual)
-        out = nn.Dropout(self.dropout)(out, deterministic=det)
+        out = Dropout(self.dropout)(out, deterministic=det)
         rs = self.param("residual_scale", nn.initializers.constant(0.1), (), pol.param_dtype).astype(jnp.float32)
         return out + rs * residual

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, embed, gelu, layer_norm
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -23,9 +24,9 @@ class MLPTrunk(nn.Module):
     def __call__(self, x, *, deterministic: bool):
         pol, det = self.policy, deterministic
         h = Linear(self.hidden, pol, name="linear_0")(x)
-        h = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "norm_0")(h)), deterministic=det)
+        h = Dropout(self.dropout)(gelu(layer_norm(pol, "norm_0")(h)), deterministic=det)
         h = Linear(self.hidden2, pol, name="linear_1")(h)
-        return nn.Dropout(self.dropout)(gelu(h), deterministic=det)
+        return Dropout(self.dropout)(gelu(h), deterministic=det)
 
 
 class CasualtyHead(nn.Module):
@@ -73,7 +74,7 @@ class LatentStatePredictor(nn.Module):
         c = jnp.broadcast_to(c[:, None, :], (c.shape[0], self.horizon, c.shape[-1]))
         inp = jnp.concatenate([c, jnp.broadcast_to(hemb, c.shape).astype(c.dtype)], axis=-1)
         h = Linear(self.hidden, pol, name="predictor_0")(inp)
-        h = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "predictor_norm")(h)), deterministic=deterministic)
+        h = Dropout(self.dropout)(gelu(layer_norm(pol, "predictor_norm")(h)), deterministic=deterministic)
         return Linear(self.d_model, pol, name="predictor_1")(h)
 
 

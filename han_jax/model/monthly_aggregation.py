@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, unmask_first_if_all_masked
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -57,8 +58,8 @@ class MonthlyAggregation(nn.Module):
         )
         a = q + att  # rows without any valid day got zero attention (original: nan_to_num)
         f = Linear(4 * d, pol, name="ffn_0")(layer_norm(pol, "norm2")(a))
-        f = nn.Dropout(self.dropout)(gelu(f), deterministic=det)
-        f = nn.Dropout(self.dropout)(Linear(d, pol, name="ffn_1")(f), deterministic=det)
+        f = Dropout(self.dropout)(gelu(f), deterministic=det)
+        f = Dropout(self.dropout)(Linear(d, pol, name="ffn_1")(f), deterministic=det)
         y = Linear(d, pol, name="output_projection")(a + f)
         start, end = bnd[..., 0], bnd[..., 1]
         agg_mask = jnp.any(in_month & day_valid[:, None, :], axis=-1) & (start < end) & (start < t) & (end <= t)

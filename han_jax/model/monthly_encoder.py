@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -26,10 +27,10 @@ class ObservationMaskedLayer(nn.Module):
         a, _ = MultiheadAttention(self.nhead, self.dropout, pol, xavier_out=True, name="self_attn")(
             x, x, x, valid=valid, deterministic=det
         )
-        x = layer_norm(pol, "norm1")(x + nn.Dropout(self.dropout)(a, deterministic=det))
+        x = layer_norm(pol, "norm1")(x + Dropout(self.dropout)(a, deterministic=det))
         f = Linear(self.dim_feedforward, pol, xavier=True, name="ffn_0")(x)
-        f = nn.Dropout(self.dropout)(gelu(f), deterministic=det)
-        f = nn.Dropout(self.dropout)(Linear(d, pol, xavier=True, name="ffn_1")(f), deterministic=det)
+        f = Dropout(self.dropout)(gelu(f), deterministic=det)
+        f = Dropout(self.dropout)(Linear(d, pol, xavier=True, name="ffn_1")(f), deterministic=det)
         return layer_norm(pol, "norm2")(x + f)
 
 
@@ -82,7 +83,7 @@ class MonthlyEncoder(nn.Module):
                 h, tmask, deterministic=det
             )
         h = Linear(d, pol, xavier=True, name="output_projection")(h)
-        h = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "output_norm")(h)), deterministic=det)
+        h = Dropout(self.dropout)(gelu(layer_norm(pol, "output_norm")(h)), deterministic=det)
         # Unused by the HAN (as in the original): kept for the parameter mapping.
         u = nn.relu(Linear(d // 2, pol, xavier=True, name="uncertainty_head_0")(h))
         u = nn.softplus(Linear(1, pol, xavier=True, name="uncertainty_head_1")(u))
@@ -125,6 +126,6 @@ class MultiSourceMonthlyEncoder(nn.Module):
         imp = nn.relu(Linear(d, pol, name="source_importance_0")(concat))
         imp = jax.nn.softmax(Linear(s, pol, name="source_importance_1")(imp).astype(jnp.float32), axis=-1)
         h = Linear(2 * d, pol, name="output_projection_0")(concat)
-        h = nn.Dropout(self.dropout)(gelu(layer_norm(pol, "output_projection_norm0")(h)), deterministic=det)
+        h = Dropout(self.dropout)(gelu(layer_norm(pol, "output_projection_norm0")(h)), deterministic=det)
         h = layer_norm(pol, "output_projection_norm1")(Linear(d, pol, name="output_projection_1")(h))
         return h, imp

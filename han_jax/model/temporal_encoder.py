@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import combine_masks
 from han_jax.model.common import layer_norm, sinusoidal_table, unmask_first_if_all_masked
+from han_jax.model.dropout import Dropout
 from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
 from han_jax.precision import Policy
 
@@ -24,7 +25,7 @@ class TemporalEncoder(nn.Module):
     def __call__(self, x, mask, *, deterministic: bool):
         m = x.shape[1]
         h = x + jnp.asarray(sinusoidal_table(self.max_len, self.d_model)[:m])
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
         valid = combine_masks(unmask_first_if_all_masked(mask), causal_valid(m) if self.causal else None)
         for i in range(self.num_layers):
             h = PreNormEncoderLayer(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, gelu, layer_norm
+from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
@@ -31,12 +32,12 @@ class PreNormEncoderLayer(nn.Module):
         a, _ = MultiheadAttention(self.num_heads, self.dropout, self.policy, xavier_out=self.xavier, name="self_attn")(
             h, h, h, valid=valid, deterministic=det
         )
-        x = x + nn.Dropout(self.dropout)(a, deterministic=det)
+        x = x + Dropout(self.dropout)(a, deterministic=det)
         h = layer_norm(self.policy, "norm2")(x)
         h = Linear(self.dim_feedforward, self.policy, xavier=self.xavier, name="linear1")(h)
-        h = nn.Dropout(self.dropout)(gelu(h), deterministic=det)
+        h = Dropout(self.dropout)(gelu(h), deterministic=det)
         h = Linear(d, self.policy, xavier=self.xavier, name="linear2")(h)
-        return x + nn.Dropout(self.dropout)(h, deterministic=det)
+        return x + Dropout(self.dropout)(h, deterministic=det)
 
 
 def causal_valid(n: int):

@@ -1,0 +1,77 @@
+"""Inverted dropout whose mask comes from a counter-based hash, not a bit generator.
+
+Why not ``flax.linen.Dropout``: on CPU, ``jax.random.bernoulli`` materialises one
+u32 per element from the bit generator before the mask is applied. Profiling the
+default train step (B=8, T=365) showed the bit generators alone took about 110 ms
+for each [8, 8, 365, 365] attention-dropout mask: more than the attention matmuls.
+Every implementation JAX offers (threefry2x32, rbg, unsafe_rbg) costs 50-70 ms for a
+6M-element mask on 2 cores, against 7 ms for an elementwise pass over the same data.
+
+Here each element's bits are a hash of (its linear index, a 64-bit seed drawn from the
+module's ``dropout`` rng stream): a few integer multiplies and shifts that XLA fuses
+into the consumer of the mask, so a mask costs about one elementwise pass (8.5 ms for
+the same 6M elements) and is recomputed rather than stored where XLA prefers.
+Fused GPU attention kernels draw their dropout masks the same counter-based way
+(FlashAttention uses Philox).
+
+The maths is flax's (and torch's) dropout: each element is kept independently with
+probability ``1 - rate`` and kept elements are scaled by ``1 / (1 - rate)``. The keep
+threshold is exact to 2**-32 (flax's uniform-float comparison is exact to 2**-23).
+Masks are a pure function of the rng key, so runs and resumed runs stay
+bit-reproducible; ``tests/test_model.py`` checks the keep rate, the scaling, the
+independence of neighbouring elements and of successive draws.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_GOLDEN = 0x9E3779B9  # 2**32 / phi: spreads consecutive counters over the word
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """Chris Wellons' "lowbias32" integer finaliser (bias ~0.17, below murmur3's fmix32)."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def hashed_bits(seed: jax.Array, shape) -> jax.Array:
+    """u32 bits of ``shape`` from a [2] u32 seed: two rounds of lowbias32 over the element index."""
+    size = 1
+    for s in shape:
+        size *= int(s)
+    if size >= 2**32:
+        raise ValueError(f"dropout mask of {size} elements exceeds the 2**32 hash counter")
+    counter = lax.iota(jnp.uint32, size).reshape(shape)
+    h = _mix32(counter * jnp.uint32(_GOLDEN) + seed[0])
+    return _mix32(h ^ seed[1])
+
+
+def keep_mask(key: jax.Array, keep_prob: float, shape) -> jax.Array:
+    """Bool mask of ``shape``, each element True with probability ``keep_prob``."""
+    threshold = min(int(round(keep_prob * 2**32)), 2**32 - 1)
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    return hashed_bits(seed, shape) < jnp.uint32(threshold)
+
+
+class Dropout(nn.Module):
+    """Drop-in for ``flax.linen.Dropout(rate)(x, deterministic=...)`` with hashed masks."""
+
+    rate: float
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        mask = keep_mask(self.make_rng(self.rng_collection), keep_prob, inputs.shape)
+        return lax.select(mask, inputs / jnp.asarray(keep_prob, inputs.dtype), jnp.zeros_like(inputs))

@@ -1,0 +1,121 @@
+"""The model's fast building blocks keep the maths: hashed dropout, the conv kernel gradient."""
+
+from __future__ import annotations
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from han_jax.model.common import Conv1d, conv1d_general_dilated
+from han_jax.model.dropout import Dropout, hashed_bits, keep_mask
+from han_jax.precision import Policy
+
+# ----- dropout -----
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keep_rate_and_scaling(rate):
+    n = 1_000_000
+    x = jnp.ones((n,), jnp.float32)
+    y = Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(3)})
+    kept = np.asarray(y) != 0
+    keep = 1.0 - rate
+    # Binomial(n, keep): 5 standard deviations.
+    assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * rate / n)
+    np.testing.assert_allclose(np.asarray(y)[kept], 1.0 / keep, rtol=1e-6)
+    # Inverted dropout: the mean is preserved.
+    assert abs(float(y.mean()) - 1.0) < 5 * np.sqrt(rate / keep / n)
+
+
+def test_dropout_masks_are_independent():
+    shape = (64, 128, 128)
+    m = np.asarray(keep_mask(jax.random.PRNGKey(0), 0.5, shape), np.float64)
+    flat = m.ravel() - m.mean()
+    n = flat.size
+    # Neighbours along every axis, and along the flat counter, are uncorrelated.
+    for lag in (1, 2, 128, 128 * 128):
+        r = np.dot(flat[:-lag], flat[lag:]) / np.dot(flat, flat)
+        assert abs(r) < 5 / np.sqrt(n), (lag, r)
+    # Each bit of the hash is fair.
+    bits = np.asarray(hashed_bits(jnp.array([1, 2], jnp.uint32), (1 << 20,)))
+    for b in range(32):
+        p = ((bits >> b) & 1).mean()
+        assert abs(p - 0.5) < 5 * 0.5 / np.sqrt(bits.size), (b, p)
+    # Two draws (two keys) agree as two independent fair coins do: 1/2 of the time.
+    m2 = np.asarray(keep_mask(jax.random.PRNGKey(1), 0.5, shape), np.float64)
+    assert abs((m == m2).mean() - 0.5) < 5 * 0.5 / np.sqrt(n)
+    # Keys differing in one bit, or consecutive split keys, also give unrelated masks.
+    for key in (jax.random.PRNGKey(2), jax.random.split(jax.random.PRNGKey(0))[1]):
+        m3 = np.asarray(keep_mask(key, 0.5, shape), np.float64)
+        assert abs((m == m3).mean() - 0.5) < 5 * 0.5 / np.sqrt(n)
+
+
+def test_dropout_module_contract():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 50, 8))
+    drop = Dropout(0.3)
+    chex.assert_trees_all_equal(drop.apply({}, x, True), x)
+    chex.assert_trees_all_equal(Dropout(0.0).apply({}, x, False), x)
+    chex.assert_trees_all_equal(Dropout(1.0).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}),
+                                jnp.zeros_like(x))
+    k = {"dropout": jax.random.PRNGKey(7)}
+    a = drop.apply({}, x, False, rngs=k)
+    chex.assert_trees_all_equal(a, jax.jit(lambda x: drop.apply({}, x, False, rngs=k))(x))  # pure in the key
+    assert not np.array_equal(a, drop.apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(8)}))
+    # Same as flax's Dropout given the same mask: select(mask, x / keep, 0).
+    mask = np.asarray(a) != 0
+    np.testing.assert_allclose(a, np.where(mask, np.asarray(x) / 0.7, 0.0), rtol=1e-6)
+    # The gradient flows through kept elements only, scaled by 1 / keep.
+    g = jax.grad(lambda x: drop.apply({}, x, False, rngs=k).sum())(x)
+    np.testing.assert_allclose(g, np.where(mask, 1 / 0.7, 0.0), rtol=1e-6)
+    with pytest.raises(flax.errors.InvalidRngError):  # training without a dropout rng is an error
+        drop.apply({}, x, False)
+
+
+def test_dropout_bf16_keeps_dtype():
+    x = jnp.ones((1000,), jnp.bfloat16)
+    y = Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert y.dtype == jnp.bfloat16
+
+
+# ----- Conv1d: the custom kernel gradient equals XLA's -----
+
+
+def _xla_conv(x, w, k):
+    return lax.conv_general_dilated(x, w, (1,), [(k // 2, k // 2)], dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@pytest.mark.parametrize("k,c,f", [(3, 5, 4), (14, 12, 6), (28, 8, 2), (1, 3, 3)])
+def test_conv1d_matches_xla_forward_and_gradients(k, c, f):
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 37, c))
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, c, f)) * 0.3
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NWC", "WIO", "NWC"))
+    ours = lambda x, w: conv1d_general_dilated(x, w, (1,), [(k // 2, k // 2)], dimension_numbers=dn)
+    ref = lambda x, w: _xla_conv(x, w, k)
+    y = ours(x, w)
+    chex.assert_shape(y, (3, 37 + (1 if k % 2 == 0 else 0), f))  # torch: even k gives T + 1 steps
+    chex.assert_trees_all_close(y, ref(x, w), rtol=1e-6, atol=1e-6)
+    cot = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+    loss = lambda fn: (lambda x, w: jnp.sum(jnp.sin(fn(x, w)) * cot))
+    g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+    chex.assert_trees_all_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_module_keeps_nn_conv_parameters():
+    """Same parameter tree and outputs as a plain ``nn.Conv`` with the same init."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 20, 6))
+    mod = Conv1d(4, 7, Policy())
+    params = mod.init(jax.random.PRNGKey(1), x)
+    chex.assert_shape(params["params"]["conv"]["kernel"], (7, 6, 4))
+    chex.assert_shape(params["params"]["conv"]["bias"], (4,))
+    plain = nn.Conv(4, (7,), padding=[(3, 3)])
+    ref = plain.apply({"params": params["params"]["conv"]}, x)
+    chex.assert_trees_all_close(mod.apply(params, x), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="stride-1"):
+        conv1d_general_dilated(x, params["params"]["conv"]["kernel"], (2,), [(3, 3)],
+                               dimension_numbers=lax.conv_dimension_numbers(x.shape, (7, 6, 4), ("NWC", "WIO", "NWC")))
