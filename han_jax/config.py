@@ -69,6 +69,9 @@ class ModelConfig:
     monthly_dim_feedforward: int = 256  # MultiSourceMonthlyEncoder ff width (fixed in the original)
     # Implementation switches (no effect on the maths).
     remat: bool = False  # nn.remat on the daily transformer layers
+    # Query block of the causal daily attention and the local window attention:
+    # only the keys the mask can allow are computed (0: dense [T, T] attention).
+    attention_block: int = 64
     return_attention: bool = False  # add attention maps to the outputs
 
     @property

@@ -119,3 +119,63 @@ def test_conv1d_module_keeps_nn_conv_parameters():
     with pytest.raises(ValueError, match="stride-1"):
         conv1d_general_dilated(x, params["params"]["conv"]["kernel"], (2,), [(3, 3)],
                                dimension_numbers=lax.conv_dimension_numbers(x.shape, (7, 6, 4), ("NWC", "WIO", "NWC")))
+
+
+# ----- blockwise (banded) attention equals dense attention -----
+
+
+def _attention_inputs(t=150, b=2, h=2, hd=4, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q, k, v = (jax.random.normal(kk, (b, t, h, hd)) for kk in ks[:3])
+    obs = jax.random.bernoulli(ks[3], 0.6, (b, t))
+    obs = obs.at[0, :40].set(False)  # leading rows with no valid key at all
+    return q, k, v, obs
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("band,block", [((None, 0), 32), ((None, 0), 64), ((9, 0), 16), ((30, 0), 64), ((5, 3), 20)])
+def test_banded_attention_equals_dense(band, block, fused):
+    from han_jax.model.attention import AttentionCore
+
+    q, k, v, obs = _attention_inputs()
+    t = q.shape[1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    lookback, lookahead = band
+    allowed = j <= i + lookahead
+    if lookback is not None:
+        allowed &= j >= i - lookback
+    valid = obs[:, None, None, :] & allowed[None, None]
+    dense = AttentionCore(0.0, Policy(), fused=fused)
+    blocked = AttentionCore(0.0, Policy(), fused=fused, band=band, block_size=block)
+
+    def run(core):
+        out, probs = core.apply({}, q, k, v, valid, True)
+        grads = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(core.apply({}, q, k, v, valid, True)[0])), (0, 1, 2))(q, k, v)
+        return out, probs, grads
+
+    ref, ref_probs, ref_grads = run(dense)
+    out, probs, grads = jax.jit(lambda: run(blocked))()
+    chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    empty = ~np.asarray(jnp.any(valid, -1))[:, 0]  # [B, Q]: rows with no valid key
+    assert empty.sum() >= 30
+    assert np.all(np.asarray(out)[empty] == 0.0)  # zero output, as in the dense path
+
+
+def test_deferred_normalisation_equals_softmax_then_dropout():
+    """Training path: dropout(softmax(l)) @ v, with the probabilities it returns."""
+    from han_jax.model.attention import AttentionCore
+
+    q, k, v, obs = _attention_inputs(t=40)
+    valid = obs[:, None, None, :]
+    core = AttentionCore(0.3, Policy())
+    out, probs = core.apply({}, q, k, v, valid, False, rngs={"dropout": jax.random.PRNGKey(5)})
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q / 2.0, k)
+    soft = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), -1)
+    soft = jnp.where(jnp.any(valid, -1, keepdims=True), soft, 0.0)
+    kept = np.asarray(probs) != 0
+    ref_probs = np.where(kept, soft / 0.7, 0.0)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    assert 0.6 < kept[np.asarray(soft) > 0].mean() < 0.8
+    np.testing.assert_allclose(out, jnp.einsum("bhqk,bkhd->bqhd", ref_probs, v), rtol=1e-5, atol=1e-6)

@@ -36,6 +36,7 @@ class DailySourceEncoder(nn.Module):
     max_len: int
     policy: Policy
     remat: bool = False
+    attention_block: int = 64  # query block of the causal attention (0: dense)
 
     @nn.compact
     def __call__(self, x, m, *, deterministic: bool):
@@ -62,6 +63,7 @@ class DailySourceEncoder(nn.Module):
         layer_cls = nn.remat(PreNormEncoderLayer) if self.remat else PreNormEncoderLayer
         for i in range(self.num_layers):
             h = layer_cls(
-                self.nhead, 4 * d, self.dropout, pol, deterministic, xavier=True, name=f"layers_{i}"
+                self.nhead, 4 * d, self.dropout, pol, deterministic, xavier=True,
+                band=(None, 0) if self.causal else None, block_size=self.attention_block, name=f"layers_{i}",
             )(h, valid)
         return layer_norm(pol, "output_norm")(h)

@@ -45,6 +45,7 @@ class DailyTemporalEncoder(nn.Module):
     max_len: int
     policy: Policy
     kernel_sizes: tuple = (3, 7, 14, 28)
+    attention_block: int = 64  # query block of the windowed attention (0: dense)
 
     @nn.compact
     def __call__(self, x, mask, *, deterministic: bool):
@@ -73,9 +74,10 @@ class DailyTemporalEncoder(nn.Module):
         gf = g * ms + (1.0 - g) * xe
 
         valid = combine_masks(unmask_first_if_all_masked(mask), local_window_valid(t, self.window))
-        a, _ = MultiheadAttention(self.nhead, self.dropout, pol, name="local_attention")(
-            gf, gf, gf, valid=valid, deterministic=det
-        )
+        a, _ = MultiheadAttention(
+            self.nhead, self.dropout, pol, band=(self.window - 1, 0), block_size=self.attention_block,
+            name="local_attention",
+        )(gf, gf, gf, valid=valid, deterministic=det)
         a = Dropout(self.dropout)(a, deterministic=det)
         a = layer_norm(pol, "attn_norm")(gf + a)
 

@@ -95,7 +95,7 @@ class MultiResolutionHAN(nn.Module):
         hiddens = [
             DailySourceEncoder(
                 f, d, cfg.nhead, cfg.num_daily_layers, cfg.dropout, cfg.causal, cfg.max_daily_len, pol,
-                remat=cfg.remat, name=f"daily_encoders_{name}",
+                remat=cfg.remat, attention_block=cfg.attention_block, name=f"daily_encoders_{name}",
             )(x, m, deterministic=det)
             for (name, f), x, m in zip(cfg.daily_sources, d_feats, d_masks)
         ]
@@ -108,7 +108,7 @@ class MultiResolutionHAN(nn.Module):
         # Stage 3: daily temporal encoder.
         fused = DailyTemporalEncoder(
             d, max(4, cfg.nhead // 2), cfg.dropout, cfg.local_window, cfg.max_daily_len, pol,
-            name="daily_temporal_encoder",
+            attention_block=cfg.attention_block, name="daily_temporal_encoder",
         )(fused, day_mask, deterministic=det)
 
         # Stage 4: daily -> monthly aggregation.

@@ -29,6 +29,7 @@ class TemporalEncoder(nn.Module):
         valid = combine_masks(unmask_first_if_all_masked(mask), causal_valid(m) if self.causal else None)
         for i in range(self.num_layers):
             h = PreNormEncoderLayer(
-                self.nhead, 4 * self.d_model, self.dropout, self.policy, deterministic, name=f"layers_{i}"
+                self.nhead, 4 * self.d_model, self.dropout, self.policy, deterministic,
+                band=(None, 0) if self.causal else None, name=f"layers_{i}",
             )(h, valid)
         return layer_norm(self.policy, "output_norm")(h)

@@ -7,10 +7,12 @@ without static argument bookkeeping.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from han_jax.model.attention import MultiheadAttention
+from han_jax.model.attention import Band, MultiheadAttention
 from han_jax.model.common import Linear, gelu, layer_norm
 from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
@@ -23,15 +25,18 @@ class PreNormEncoderLayer(nn.Module):
     policy: Policy
     deterministic: bool
     xavier: bool = False  # DailySourceEncoder re-inits its Linears (not the in_proj) with xavier
+    band: Optional[Band] = None  # (None, 0) when the mask is causal: blockwise attention (AttentionCore)
+    block_size: int = 64
 
     @nn.compact
     def __call__(self, x, valid):
         det = self.deterministic
         d = x.shape[-1]
         h = layer_norm(self.policy, "norm1")(x)
-        a, _ = MultiheadAttention(self.num_heads, self.dropout, self.policy, xavier_out=self.xavier, name="self_attn")(
-            h, h, h, valid=valid, deterministic=det
-        )
+        a, _ = MultiheadAttention(
+            self.num_heads, self.dropout, self.policy, xavier_out=self.xavier, band=self.band,
+            block_size=self.block_size, name="self_attn",
+        )(h, h, h, valid=valid, deterministic=det)
         x = x + Dropout(self.dropout)(a, deterministic=det)
         h = layer_norm(self.policy, "norm2")(x)
         h = Linear(self.dim_feedforward, self.policy, xavier=self.xavier, name="linear1")(h)
