@@ -8,7 +8,7 @@ section 6), unless its comment says han-jax differs and why.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 SourceLayout = Tuple[Tuple[str, int], ...]
 
@@ -72,6 +72,12 @@ class ModelConfig:
     # Query block of the causal daily attention and the local window attention:
     # only the keys the mask can allow are computed (0: dense [T, T] attention).
     attention_block: int = 64
+    # Run the same-shaped per-source stacks (the daily transformer layers) as one
+    # jax.vmap over stacked parameters instead of one stack per source. None: vmap
+    # on GPU/TPU, per source on CPU, where XLA runs the four independent stacks
+    # concurrently on its threads and the vmapped stack measured 28% slower
+    # (benchmarks/README.md).
+    vmap_sources: Optional[bool] = None
     return_attention: bool = False  # add attention maps to the outputs
 
     @property

@@ -179,3 +179,58 @@ def test_deferred_normalisation_equals_softmax_then_dropout():
     np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-7)
     assert 0.6 < kept[np.asarray(soft) > 0].mean() < 0.8
     np.testing.assert_allclose(out, jnp.einsum("bhqk,bkhd->bqhd", ref_probs, v), rtol=1e-5, atol=1e-6)
+
+
+# ----- the vmapped per-source stacks keep the parameter tree and the outputs -----
+
+
+def test_vmapped_daily_stacks_equal_the_per_source_loop():
+    import dataclasses
+
+    from flax.traverse_util import flatten_dict
+
+    from han_jax.config import ModelConfig
+    from han_jax.model import MultiResolutionHAN
+    from tests.helpers import random_batch
+
+    cfg = ModelConfig.small(d_model=16, nhead=2)
+    inputs, _ = random_batch(cfg, b=2, t=40, m=2, seed=0, n_real=2)
+    stacked = MultiResolutionHAN(dataclasses.replace(cfg, vmap_sources=True), Policy())
+    looped = MultiResolutionHAN(dataclasses.replace(cfg, vmap_sources=False), Policy())
+    variables = jax.jit(lambda k: stacked.init({"params": k}, inputs, deterministic=True))(jax.random.PRNGKey(0))
+    other = jax.eval_shape(lambda k: looped.init({"params": k}, inputs, deterministic=True), jax.random.PRNGKey(0))
+    # Same tree, same shapes: checkpoints and the mapping to the original do not depend on it.
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(other)
+    chex.assert_trees_all_equal_shapes(variables, other)
+    assert ("daily_encoders_personnel", "layers_0", "self_attn", "in_proj_kernel") in flatten_dict(variables["params"])
+
+    det = lambda model: jax.jit(lambda v: model.apply(v, inputs, deterministic=True))(variables)  # noqa: E731
+    reference = det(looped)
+    chex.assert_trees_all_close(det(stacked), reference, rtol=1e-5, atol=1e-6)
+
+    def train_loss(p):
+        out = stacked.apply({"params": p}, inputs, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.sum(out["temporal_output"] ** 2), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(train_loss, has_aux=True))(variables["params"])
+    chex.assert_tree_all_finite(out)
+    assert not np.allclose(out["temporal_output"], reference["temporal_output"])  # dropout acted
+    for name in cfg.daily_source_names:
+        g = grads[f"daily_encoders_{name}"]["layers_0"]["linear1"]["dense"]["kernel"]
+        assert np.abs(np.asarray(g)).max() > 0, name  # every source's stack is trained
+
+
+def test_gelu_is_torchs_exact_form():
+    from math import erf, sqrt
+
+    from han_jax.model.common import gelu
+
+    xs = np.linspace(-12.0, 12.0, 4001)
+    ref = np.array([0.5 * x * (1.0 + erf(x / sqrt(2.0))) for x in xs])
+    got = np.asarray(jax.jit(gelu)(jnp.asarray(xs, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1.5e-6)
+    np.testing.assert_allclose(got, jax.nn.gelu(jnp.asarray(xs, jnp.float32), approximate=False), atol=1.5e-6)
+    g = jax.grad(lambda x: gelu(x).sum())(jnp.asarray(xs, jnp.float32))
+    phi = np.exp(-xs**2 / 2) / np.sqrt(2 * np.pi)
+    cdf = np.array([0.5 * (1.0 + erf(x / sqrt(2.0))) for x in xs])
+    np.testing.assert_allclose(g, cdf + xs * phi, atol=2e-6)

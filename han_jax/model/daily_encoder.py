@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from han_jax.model.attention import combine_masks
-from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
+from han_jax.model.common import LN_EPS, Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
+from han_jax.model.stacking import declare_params
 from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
 from han_jax.precision import Policy
 
@@ -18,6 +20,42 @@ def soft_compress(x):
     return jnp.where(x > 100, inner, jnp.where(x < -100, -inner, x))
 
 
+def daily_layers_fn(num_layers: int, nhead: int, d_model: int, dropout: float, policy: Policy, deterministic: bool,
+                    causal: bool, attention_block: int = 64, remat: bool = False):
+    """The encoder's transformer stack as a pure function of its parameters.
+
+    ``run(params, h [B,T,D], key_valid [B,T], key)`` applies ``layers_0..N-1`` and
+    ``output_norm`` from ``params`` (the tree :class:`DailySourceEncoder` declares);
+    ``key`` is the dropout key (None when deterministic). Pure, so that
+    ``MultiResolutionHAN`` can ``jax.vmap`` it over the stacked parameters of all
+    daily sources (``han_jax.model.stacking``).
+    """
+    # Named as the parameters are, so that traces and op names read as the stored tree.
+    layers = [
+        PreNormEncoderLayer(
+            nhead, 4 * d_model, dropout, policy, deterministic, xavier=True,
+            band=(None, 0) if causal else None, block_size=attention_block, name=f"layers_{i}", parent=None,
+        )
+        for i in range(num_layers)
+    ]
+    norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name="output_norm",
+                        parent=None)
+
+    def apply_layer(layer, p, h, valid, key):
+        return layer.apply({"params": p}, h, valid, rngs=None if key is None else {"dropout": key})
+
+    if remat:
+        apply_layer = jax.checkpoint(apply_layer, static_argnums=(0,))
+
+    def run(params, h, key_valid, key=None):
+        valid = combine_masks(key_valid, causal_valid(h.shape[1]) if causal else None)
+        for i, layer in enumerate(layers):
+            h = apply_layer(layer, params[layer.name], h, valid, None if key is None else jax.random.fold_in(key, i))
+        return norm.apply({"params": params["output_norm"]}, h)
+
+    return run
+
+
 class DailySourceEncoder(nn.Module):
     """x, m: [B, T, F] -> [B, T, D].
 
@@ -25,6 +63,12 @@ class DailySourceEncoder(nn.Module):
     never used: it never receives a gradient. The global ``|h| > 1000`` clamp looks at
     the whole batch, as in the original (so an extreme future value could in principle
     change past outputs; ordinary inputs never reach it).
+
+    The parameters are the original's, under the same names. With
+    ``defer_layers`` the module returns ``(h, key_valid, layer_params)`` after the
+    per-source input embedding instead of running its transformer stack: the
+    parent runs the stacks of all sources at once (:func:`daily_layers_fn` under
+    ``jax.vmap``), because they have the same shapes while the embeddings do not.
     """
 
     n_features: int
@@ -37,6 +81,7 @@ class DailySourceEncoder(nn.Module):
     policy: Policy
     remat: bool = False
     attention_block: int = 64  # query block of the causal attention (0: dense)
+    defer_layers: bool = False
 
     @nn.compact
     def __call__(self, x, m, *, deterministic: bool):
@@ -57,13 +102,17 @@ class DailySourceEncoder(nn.Module):
         h = h + embed(2, d, pol, std=0.02, name="observation_status_embedding")(obs.astype(jnp.int32))
         h = h + jnp.asarray(sinusoidal_table(self.max_len, d)[:t])
         h = Dropout(self.dropout)(h, deterministic=deterministic)
-
         key_valid = unmask_first_if_all_masked(obs)
-        valid = combine_masks(key_valid, causal_valid(t) if self.causal else None)
-        layer_cls = nn.remat(PreNormEncoderLayer) if self.remat else PreNormEncoderLayer
-        for i in range(self.num_layers):
-            h = layer_cls(
-                self.nhead, 4 * d, self.dropout, pol, deterministic, xavier=True,
-                band=(None, 0) if self.causal else None, block_size=self.attention_block, name=f"layers_{i}",
-            )(h, valid)
-        return layer_norm(pol, "output_norm")(h)
+
+        # Unbound templates (parent=None): only their parameters are declared here.
+        template = PreNormEncoderLayer(self.nhead, 4 * d, self.dropout, pol, True, xavier=True, parent=None)
+        norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=pol.param_dtype, parent=None)
+        example = jnp.zeros((1, 1, d), jnp.float32)
+        params = {f"layers_{i}": declare_params(self, f"layers_{i}", template, example, None)
+                  for i in range(self.num_layers)}
+        params["output_norm"] = declare_params(self, "output_norm", norm, example)
+        if self.defer_layers:
+            return h, key_valid, params
+        run = daily_layers_fn(self.num_layers, self.nhead, d, self.dropout, pol, deterministic, self.causal,
+                              self.attention_block, self.remat)
+        return run(params, h, key_valid, None if deterministic else self.make_rng("dropout"))

@@ -35,11 +35,12 @@ Deliberate differences from the original:
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from han_jax.config import ModelConfig
 from han_jax.model.cross_resolution import CrossResolutionFusion
-from han_jax.model.daily_encoder import DailySourceEncoder
+from han_jax.model.daily_encoder import DailySourceEncoder, daily_layers_fn
 from han_jax.model.daily_fusion import DailyCrossSourceFusion
 from han_jax.model.daily_temporal import DailyTemporalEncoder
 from han_jax.model.heads import (
@@ -51,6 +52,7 @@ from han_jax.model.heads import (
 )
 from han_jax.model.monthly_aggregation import MonthlyAggregation
 from han_jax.model.monthly_encoder import MultiSourceMonthlyEncoder
+from han_jax.model.stacking import stack_trees
 from han_jax.model.temporal_encoder import TemporalEncoder
 from han_jax.precision import Policy
 
@@ -92,13 +94,27 @@ class MultiResolutionHAN(nn.Module):
         t = d_feats[0].shape[1]
         if t > cfg.max_daily_len:
             raise ValueError(f"daily window {t} exceeds max_daily_len {cfg.max_daily_len}")
-        hiddens = [
+        vmap_sources = cfg.vmap_sources if cfg.vmap_sources is not None else jax.default_backend() != "cpu"
+        daily = [
             DailySourceEncoder(
                 f, d, cfg.nhead, cfg.num_daily_layers, cfg.dropout, cfg.causal, cfg.max_daily_len, pol,
-                remat=cfg.remat, attention_block=cfg.attention_block, name=f"daily_encoders_{name}",
+                remat=cfg.remat, attention_block=cfg.attention_block, defer_layers=vmap_sources,
+                name=f"daily_encoders_{name}",
             )(x, m, deterministic=det)
             for (name, f), x, m in zip(cfg.daily_sources, d_feats, d_masks)
         ]
+        if vmap_sources:
+            # The per-source embeddings differ in shape; the transformer stacks do not:
+            # run them as one vmapped stack over the sources' stacked parameters.
+            h, key_valid, params = (list(parts) for parts in zip(*daily))
+            run = daily_layers_fn(cfg.num_daily_layers, cfg.nhead, d, cfg.dropout, pol, det, cfg.causal,
+                                  cfg.attention_block, cfg.remat)
+            args = [stack_trees(params), jnp.stack(h), jnp.stack(key_valid)]
+            if not det:
+                args.append(jax.random.split(self.make_rng("dropout"), len(h)))
+            stacked = jax.vmap(run)(*args)
+            daily = [stacked[i] for i in range(len(h))]
+        hiddens = daily
 
         # Stage 2: cross-source fusion and temporal source gate.
         fused, day_mask = DailyCrossSourceFusion(
