@@ -17,6 +17,8 @@ with ``block_until_ready``; median and spread over ``--runs`` calls):
   achieved FLOP/s as a fraction of a matmul peak measured in the same run (f32 on
   CPU, bf16 on GPU): the roofline ratio;
 * sweeps of the train step: batch size, daily window, f32 vs bf16, remat on/off,
+  dense attention (``attention_block=0``) and the other daily-stack layout
+  (``vmap_sources``),
   and pmap over 1, 2, 4 host devices at a fixed global batch (each device count in
   a subprocess, because ``--xla_force_host_platform_device_count`` must be set
   before JAX starts);
@@ -73,7 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--windows", type=_csv_ints, default=None, help="daily window sweep, e.g. 90,180,365")
     ap.add_argument("--policies", type=_csv, default=None, help="policy sweep, e.g. f32,bf16")
     ap.add_argument("--devices", type=_csv_ints, default=None, help="pmap sweep (host devices), e.g. 1,2,4")
-    ap.add_argument("--no-remat-sweep", action="store_true")
+    ap.add_argument("--no-impl-sweeps", "--no-remat-sweep", dest="no_impl_sweeps", action="store_true",
+                    help="skip the implementation sweeps (remat, dense attention, vmapped sources)")
     ap.add_argument("--no-sweeps", action="store_true", help="base point and aggregation cost only")
     ap.add_argument("--matmul-n", type=int, default=None, help="size of the square peak matmul")
     ap.add_argument("--fast-compile", action="store_true", help=f"XLA_FLAGS {FAST_COMPILE_FLAG} (default in --quick)")
@@ -96,7 +99,7 @@ def parse_args(argv=None):
     args.fast_compile = args.fast_compile or q
     # quick: the sweeps time eval_step (a train compile per point would not fit in 2 minutes)
     args.sweep_step = "eval" if q else "train"
-    args.no_remat_sweep = args.no_remat_sweep or q
+    args.no_impl_sweeps = args.no_impl_sweeps or q
     return args
 
 
@@ -498,8 +501,15 @@ def main(argv=None) -> dict:
         for pol in args.policies:
             if pol != args.policy:
                 point("policy", pol, {}, pol, b, t)
-        if not args.no_remat_sweep:
+        if not args.no_impl_sweeps:
+            import jax
+
             point("remat", True, {"remat": True}, args.policy, b, t)
+            # The speed choices of han_jax.model, each undone once: dense [T, T]
+            # attention instead of key blocks, and the other daily-stack layout.
+            point("attention_block", 0, {"attention_block": 0}, args.policy, b, t)
+            vmapped = jax.default_backend() != "cpu"  # what vmap_sources=None picks
+            point("vmap_sources", not vmapped, {"vmap_sources": not vmapped}, args.policy, b, t)
         for n in args.devices:
             if b % n:
                 continue
