@@ -12,6 +12,14 @@ Checked against the original (torch 2.14.1 CPU, eval mode, f32, weights copied
 one-to-one, no unused torch parameter): every output agrees to 2e-6 at the default
 and the small configuration when no attention row is fully masked.
 
+Speed choices that keep the maths (each checked against the dense or looped form
+in ``tests/test_model_blocks.py``): causal and windowed attention in query blocks
+against only the keys the mask can allow (``ModelConfig.attention_block``); the
+daily transformer stacks as one pure function, vmapped over the sources' stacked
+parameters on GPU/TPU (``ModelConfig.vmap_sources``); dropout masks from a
+counter-based hash (``model/dropout.py``); the Conv1d kernel gradient as one matmul
+(``model/common.py``).
+
 Deliberate differences from the original:
 - Query rows with no valid key give zero attention output everywhere. In torch
   the causal daily encoders return NaN for leading unobserved days (day 0
