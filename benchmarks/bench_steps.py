@@ -189,6 +189,25 @@ def memory_analysis(compiled):
     return out
 
 
+def release_compiled():
+    """Drop every cached executable between sweep points.
+
+    ``jit_steps`` and the init are cached per configuration, and each point is a new
+    one: a full CPU run kept every point's executables (a few GiB) and ran out of
+    host memory compiling the ninth.
+    """
+    import gc
+
+    import jax
+
+    from han_jax import steps
+
+    steps.jit_steps.cache_clear()
+    steps._init_fn.cache_clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 def compile_aot(fn, *args):
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
@@ -491,6 +510,7 @@ def main(argv=None) -> dict:
             sw.setdefault(axis, []).append(p)
             dump()
             log(f"sweep {axis}={value}: {p.get(args.sweep_step, {}).get('median_s', p.get('error'))}")
+            release_compiled()
 
         for bb in args.batches:
             if bb != b:

@@ -74,9 +74,10 @@ class ModelConfig:
     attention_block: int = 64
     # Run the same-shaped per-source stacks (the daily transformer layers) as one
     # jax.vmap over stacked parameters instead of one stack per source. None: vmap
-    # on GPU/TPU, per source on CPU, where XLA runs the four independent stacks
-    # concurrently on its threads and the vmapped stack measured 28% slower
-    # (benchmarks/README.md).
+    # on GPU/TPU (fewer, larger kernels), per source on CPU, where XLA runs the four
+    # independent stacks concurrently on its threads: the vmapped stack measured
+    # 1.63 s against 1.56 s per default train step on 2 cores (it compiles in 64 s
+    # instead of 72 s; benchmarks/README.md).
     vmap_sources: Optional[bool] = None
     return_attention: bool = False  # add attention maps to the outputs
 
