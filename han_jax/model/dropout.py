@@ -18,7 +18,7 @@ The maths is flax's (and torch's) dropout: each element is kept independently wi
 probability ``1 - rate`` and kept elements are scaled by ``1 / (1 - rate)``. The keep
 threshold is exact to 2**-32 (flax's uniform-float comparison is exact to 2**-23).
 Masks are a pure function of the rng key, so runs and resumed runs stay
-bit-reproducible; ``tests/test_model.py`` checks the keep rate, the scaling, the
+bit-reproducible; ``tests/test_model_blocks.py`` checks the keep rate, the scaling, the
 independence of neighbouring elements and of successive draws.
 """
 
