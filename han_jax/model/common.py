@@ -151,9 +151,9 @@ class Conv1d(nn.Module):
         )(x)
 
 
-def layer_norm(policy: Policy, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm with torch's epsilon; statistics and output in f32."""
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name=name)
+def layer_norm(policy: Policy, name: str | None = None, **module_kwargs) -> nn.LayerNorm:
+    """LayerNorm with torch's epsilon; statistics and output in f32 (``parent=None``: unbound)."""
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name=name, **module_kwargs)
 
 
 def group_norm(num_groups: int, policy: Policy, name: str | None = None) -> nn.GroupNorm:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from han_jax.model.attention import combine_masks
-from han_jax.model.common import LN_EPS, Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
+from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
 from han_jax.model.stacking import declare_params
 from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
@@ -38,8 +38,7 @@ def daily_layers_fn(num_layers: int, nhead: int, d_model: int, dropout: float, p
         )
         for i in range(num_layers)
     ]
-    norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name="output_norm",
-                        parent=None)
+    norm = layer_norm(policy, "output_norm", parent=None)
 
     def apply_layer(layer, p, h, valid, key):
         return layer.apply({"params": p}, h, valid, rngs=None if key is None else {"dropout": key})
@@ -106,7 +105,7 @@ class DailySourceEncoder(nn.Module):
 
         # Unbound templates (parent=None): only their parameters are declared here.
         template = PreNormEncoderLayer(self.nhead, 4 * d, self.dropout, pol, True, xavier=True, parent=None)
-        norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=pol.param_dtype, parent=None)
+        norm = layer_norm(pol, parent=None)
         example = jnp.zeros((1, 1, d), jnp.float32)
         params = {f"layers_{i}": declare_params(self, f"layers_{i}", template, example, None)
                   for i in range(self.num_layers)}
