@@ -77,7 +77,7 @@ def count(tree):
 
 @pytest.fixture(scope="module")
 def small():
-    model = MultiResolutionHAN(SMALL, Policy())
+    model = MultiResolutionHAN(config=SMALL, policy=Policy())
     inputs = make_inputs(SMALL)
     variables = jax.jit(lambda k, x: model.init({"params": k}, x, deterministic=True))(jax.random.PRNGKey(0), inputs)
     jitted = jax.jit(lambda v, x, k: model.apply(v, x, deterministic=True, rngs={"dropout": k}))
@@ -87,7 +87,7 @@ def small():
 
 def test_default_param_count_and_per_module():
     cfg = ModelConfig()
-    model = MultiResolutionHAN(cfg, Policy())
+    model = MultiResolutionHAN(config=cfg, policy=Policy())
     inputs = make_inputs(cfg, b=1, t=365, m=12)
     shapes = jax.eval_shape(lambda k: model.init({"params": k}, inputs, deterministic=True), jax.random.PRNGKey(0))
     assert set(shapes) == {"params"}  # no batch stats or other collections
@@ -97,7 +97,7 @@ def test_default_param_count_and_per_module():
 
 def test_no_latent_forecast_head_shapes():
     cfg = dataclasses.replace(SMALL, use_latent_forecast=False)
-    model = MultiResolutionHAN(cfg, Policy())
+    model = MultiResolutionHAN(config=cfg, policy=Policy())
     inputs = make_inputs(cfg)
     out = jax.eval_shape(
         lambda k: model.init_with_output({"params": k}, inputs, deterministic=True)[0], jax.random.PRNGKey(0)
@@ -112,7 +112,7 @@ def test_output_keys_shapes_dtypes(small, policy_name):
     if policy_name == "f32":
         out = apply_f32(variables, inputs)
     else:
-        model = MultiResolutionHAN(SMALL, policy)
+        model = MultiResolutionHAN(config=SMALL, policy=policy)
         out = jax.jit(lambda v, x: model.apply(v, x, deterministic=True))(variables, inputs)
     assert set(out) == OUT_KEYS
     d, fm = SMALL.d_model, SMALL.n_monthly_features
@@ -138,7 +138,7 @@ def test_output_keys_shapes_dtypes(small, policy_name):
 def test_bf16_policy_computes_in_bf16():
     policy = Policy.from_string("bf16")
     x = jnp.ones((2, 5, 8))
-    mha = MultiheadAttention(2, 0.0, policy)
+    mha = MultiheadAttention(num_heads=2, dropout=0.0, policy=policy)
     v = mha.init(jax.random.PRNGKey(0), x, x, x, deterministic=True)
     chex.assert_type(jax.tree_util.tree_leaves(v), jnp.float32)
     out, probs = mha.apply(v, x, x, x, deterministic=True)
@@ -238,7 +238,7 @@ def test_dropout(small):
 def test_remat_and_return_attention(small):
     """remat changes nothing numerically; return_attention only adds the maps."""
     _, variables, inputs, apply_det = small
-    model = MultiResolutionHAN(dataclasses.replace(SMALL, remat=True, return_attention=True), Policy())
+    model = MultiResolutionHAN(config=dataclasses.replace(SMALL, remat=True, return_attention=True), policy=Policy())
     out = jax.jit(lambda v, x: model.apply(v, x, deterministic=True))(variables, inputs)
     ref = apply_det(variables, inputs)
     chex.assert_trees_all_close({k: out[k] for k in ref}, ref, rtol=1e-5, atol=1e-6)
@@ -257,7 +257,9 @@ def _perturb_future(x, t0, seed=1):
 
 
 def test_daily_source_encoder_is_causal():
-    enc = DailySourceEncoder(5, 16, 4, 1, 0.1, True, 100, Policy())
+    enc = DailySourceEncoder(
+        n_features=5, d_model=16, nhead=4, num_layers=1, dropout=0.1, causal=True, max_len=100, policy=Policy()
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 5))
     m = jax.random.uniform(jax.random.PRNGKey(1), (2, 40, 1)) < 0.7
     m = jnp.broadcast_to(m, x.shape).at[:, :3].set(False)  # leading unobserved days
@@ -273,7 +275,7 @@ def test_daily_source_encoder_is_causal():
 
 def test_local_window_attention_is_causal_and_windowed():
     t, w = 50, 31
-    mha = MultiheadAttention(4, 0.0, Policy())
+    mha = MultiheadAttention(num_heads=4, dropout=0.0, policy=Policy())
     x = jax.random.normal(jax.random.PRNGKey(0), (2, t, 16))
     obs = jnp.ones((2, t), bool).at[1, :10].set(False)
     valid = combine_masks(unmask_first_if_all_masked(obs), local_window_valid(t, w))
@@ -295,7 +297,9 @@ def test_local_window_attention_is_causal_and_windowed():
 
 
 def test_temporal_encoder_is_causal():
-    enc = TemporalEncoder(16, 4, 2, 0.1, True, 60, Policy())
+    enc = TemporalEncoder(
+        d_model=16, nhead=4, num_layers=2, dropout=0.1, causal=True, max_len=60, policy=Policy()
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 16))
     mask = jnp.ones((2, 12), bool).at[0, :2].set(False)
     v = enc.init(jax.random.PRNGKey(1), x, mask, deterministic=True)
@@ -311,7 +315,7 @@ def test_temporal_encoder_is_causal():
 
 
 def test_attention_core_zero_rows_and_softmax():
-    core = AttentionCore(0.0, Policy())
+    core = AttentionCore(dropout=0.0, policy=Policy())
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, 4))
     k = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 2, 4))
     v = jax.random.normal(jax.random.PRNGKey(2), (1, 5, 2, 4))
@@ -376,7 +380,7 @@ def test_full_default_forward():
     """One forward of the default model (B=2, T=365, M=12); random parameters filled with
     numpy to skip the slow RNG-heavy init compile."""
     cfg = ModelConfig()
-    model = MultiResolutionHAN(cfg, Policy())
+    model = MultiResolutionHAN(config=cfg, policy=Policy())
     inputs = make_inputs(cfg, b=2, t=365, m=12)
     shapes = jax.eval_shape(lambda k: model.init({"params": k}, inputs, deterministic=True), jax.random.PRNGKey(0))
     rs = np.random.RandomState(0)

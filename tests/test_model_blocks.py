@@ -22,7 +22,7 @@ from han_jax.precision import Policy
 def test_dropout_keep_rate_and_scaling(rate):
     n = 1_000_000
     x = jnp.ones((n,), jnp.float32)
-    y = Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(3)})
+    y = Dropout(rate=rate).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(3)})
     kept = np.asarray(y) != 0
     keep = 1.0 - rate
     # Binomial(n, keep): 5 standard deviations.
@@ -57,10 +57,10 @@ def test_dropout_masks_are_independent():
 
 def test_dropout_module_contract():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 50, 8))
-    drop = Dropout(0.3)
+    drop = Dropout(rate=0.3)
     chex.assert_trees_all_equal(drop.apply({}, x, True), x)
-    chex.assert_trees_all_equal(Dropout(0.0).apply({}, x, False), x)
-    chex.assert_trees_all_equal(Dropout(1.0).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}),
+    chex.assert_trees_all_equal(Dropout(rate=0.0).apply({}, x, False), x)
+    chex.assert_trees_all_equal(Dropout(rate=1.0).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)}),
                                 jnp.zeros_like(x))
     k = {"dropout": jax.random.PRNGKey(7)}
     a = drop.apply({}, x, False, rngs=k)
@@ -78,7 +78,7 @@ def test_dropout_module_contract():
 
 def test_dropout_bf16_keeps_dtype():
     x = jnp.ones((1000,), jnp.bfloat16)
-    y = Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
+    y = Dropout(rate=0.1).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
     assert y.dtype == jnp.bfloat16
 
 
@@ -109,7 +109,7 @@ def test_conv1d_matches_xla_forward_and_gradients(k, c, f):
 def test_conv1d_module_keeps_nn_conv_parameters():
     """Same parameter tree and outputs as a plain ``nn.Conv`` with the same init."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 20, 6))
-    mod = Conv1d(4, 7, Policy())
+    mod = Conv1d(features=4, kernel_size=7, policy=Policy())
     params = mod.init(jax.random.PRNGKey(1), x)
     chex.assert_shape(params["params"]["conv"]["kernel"], (7, 6, 4))
     chex.assert_shape(params["params"]["conv"]["bias"], (4,))
@@ -145,8 +145,8 @@ def test_banded_attention_equals_dense(band, block, fused):
     if lookback is not None:
         allowed &= j >= i - lookback
     valid = obs[:, None, None, :] & allowed[None, None]
-    dense = AttentionCore(0.0, Policy(), fused=fused)
-    blocked = AttentionCore(0.0, Policy(), fused=fused, band=band, block_size=block)
+    dense = AttentionCore(dropout=0.0, policy=Policy(), fused=fused)
+    blocked = AttentionCore(dropout=0.0, policy=Policy(), fused=fused, band=band, block_size=block)
 
     def run(core):
         out, probs = core.apply({}, q, k, v, valid, True)
@@ -169,7 +169,7 @@ def test_deferred_normalisation_equals_softmax_then_dropout():
 
     q, k, v, obs = _attention_inputs(t=40)
     valid = obs[:, None, None, :]
-    core = AttentionCore(0.3, Policy())
+    core = AttentionCore(dropout=0.3, policy=Policy())
     out, probs = core.apply({}, q, k, v, valid, False, rngs={"dropout": jax.random.PRNGKey(5)})
     logits = jnp.einsum("bqhd,bkhd->bhqk", q / 2.0, k)
     soft = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), -1)
@@ -191,12 +191,12 @@ def test_vmapped_daily_stacks_equal_the_per_source_loop():
 
     from han_jax.config import ModelConfig
     from han_jax.model import MultiResolutionHAN
-    from tests.helpers import random_batch
+    from han_jax.testing import random_batch
 
     cfg = ModelConfig.small(d_model=16, nhead=2)
     inputs, _ = random_batch(cfg, b=2, t=40, m=2, seed=0, n_real=2)
-    stacked = MultiResolutionHAN(dataclasses.replace(cfg, vmap_sources=True), Policy())
-    looped = MultiResolutionHAN(dataclasses.replace(cfg, vmap_sources=False), Policy())
+    stacked = MultiResolutionHAN(config=dataclasses.replace(cfg, vmap_sources=True), policy=Policy())
+    looped = MultiResolutionHAN(config=dataclasses.replace(cfg, vmap_sources=False), policy=Policy())
     variables = jax.jit(lambda k: stacked.init({"params": k}, inputs, deterministic=True))(jax.random.PRNGKey(0))
     other = jax.eval_shape(lambda k: looped.init({"params": k}, inputs, deterministic=True), jax.random.PRNGKey(0))
     # Same tree, same shapes: checkpoints and the mapping to the original do not depend on it.

@@ -18,6 +18,7 @@ q/k/v/o Linears, xavier, zero bias, dropout after the output projection).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -28,11 +29,10 @@ from han_jax.model.common import Linear, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
-
 Band = Tuple[Optional[int], Optional[int]]
 
 
-class AttentionCore(nn.Module):
+class AttentionCore(nn.Module, kw_only=True):
     """softmax(q k^T / sqrt(hd)) v with validity masks; q [B,Q,H,hd], k/v [B,K,H,hd].
 
     ``valid`` broadcasts to [B, H, Q, K]. Returns (out [B,Q,H,hd], probs [B,H,Q,K]).
@@ -91,7 +91,7 @@ class AttentionCore(nn.Module):
         cdt = self.policy.compute_dtype
         row_ok = None
         if valid is not None:
-            b, qn, h, kn = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+            b, qn, kn = q.shape[0], q.shape[1], k.shape[1]
             valid = jnp.broadcast_to(valid, (b, valid.shape[1], qn, kn))
             row_ok = jnp.any(valid, axis=-1, keepdims=True)  # [B, 1|H, Q, 1]
         if self.fused and (deterministic or self.dropout == 0.0):
@@ -109,7 +109,7 @@ class AttentionCore(nn.Module):
         if row_ok is not None:
             # Rows with no valid key: zero output (torch gives NaN, then nan_to_num).
             inv = jnp.where(row_ok, inv, 0.0)
-        e = Dropout(self.dropout)(e, deterministic=deterministic)
+        e = Dropout(rate=self.dropout)(e, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", e.astype(cdt), v.astype(cdt)).astype(jnp.float32)
         out = out * jnp.swapaxes(inv, 1, 2)
         return out.astype(cdt), e * inv  # the second is dropout(softmax), built only if used
@@ -140,7 +140,7 @@ def combine_masks(key_valid: Optional[jax.Array] = None, attn_valid: Optional[ja
     return mask
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(nn.Module, kw_only=True):
     """``torch.nn.MultiheadAttention(batch_first=True)``; returns (out [B,Q,D], probs [B,H,Q,K])."""
 
     num_heads: int
@@ -164,14 +164,16 @@ class MultiheadAttention(nn.Module):
             k = key.astype(cdt) @ w[:, d : 2 * d] + b[d : 2 * d]
             v = value.astype(cdt) @ w[:, 2 * d :] + b[2 * d :]
         split = lambda x: x.reshape(x.shape[:-1] + (h, d // h))
-        core = AttentionCore(self.dropout, self.policy, band=self.band, block_size=self.block_size, name="core")
+        core = AttentionCore(
+            dropout=self.dropout, policy=self.policy, band=self.band, block_size=self.block_size, name="core"
+        )
         out, probs = core(split(q), split(k), split(v), valid, deterministic)
         out = out.reshape(out.shape[:-2] + (d,))
-        out = Linear(d, self.policy, xavier=self.xavier_out, zero_bias=True, name="out_proj")(out)
+        out = Linear(features=d, policy=self.policy, xavier=self.xavier_out, zero_bias=True, name="out_proj")(out)
         return out, probs
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(nn.Module, kw_only=True):
     """The original's MultiHeadCrossAttention: key mask [B, K] (True = observed)."""
 
     num_heads: int
@@ -182,16 +184,16 @@ class CrossAttention(nn.Module):
     def __call__(self, query, kv, key_valid, *, deterministic: bool):
         d = query.shape[-1]
         h = self.num_heads
-        lin = lambda name: Linear(d, self.policy, xavier=True, name=name)
+        linear = partial(Linear, features=d, policy=self.policy, xavier=True)
         split = lambda x: x.reshape(x.shape[:-1] + (h, d // h))
-        q = split(lin("query_proj")(query))
-        k = split(lin("key_proj")(kv))
-        v = split(lin("value_proj")(kv))
+        q = split(linear(name="query_proj")(query))
+        k = split(linear(name="key_proj")(kv))
+        v = split(linear(name="value_proj")(kv))
         valid = None
         if key_valid is not None:
             # Here the first-key rule is applied per query row (ScaledDotProductAttention).
             valid = unmask_first_if_all_masked(key_valid)[:, None, None, :]
-        out, probs = AttentionCore(self.dropout, self.policy, name="core")(q, k, v, valid, deterministic)
-        out = lin("output_proj")(out.reshape(out.shape[:-2] + (d,)))
-        out = Dropout(self.dropout)(out, deterministic=deterministic)
+        out, probs = AttentionCore(dropout=self.dropout, policy=self.policy, name="core")(q, k, v, valid, deterministic)
+        out = linear(name="output_proj")(out.reshape(out.shape[:-2] + (d,)))
+        out = Dropout(rate=self.dropout)(out, deterministic=deterministic)
         return out, probs

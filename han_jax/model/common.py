@@ -13,8 +13,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from han_jax.precision import Policy
 
@@ -39,15 +39,15 @@ def gelu(x):
     """torch's ``nn.GELU()``: the exact form ``0.5 * x * (1 + erf(x / sqrt(2)))``.
 
     Written as torch writes it rather than as ``jax.nn.gelu(approximate=False)``
-    (flax's default is the tanh approximation), whose ``erfc`` lowering costs 2.5x
-    more on CPU (4.6 vs 1.8 ms forward for 6M elements); the two differ by at most
+    (flax's default is the tanh approximation), whose ``erfc`` lowering is slower
+    on CPU (figures in ``benchmarks/README.md``); the two differ by at most
     1.3e-6 absolutely, in the far negative tail where torch's form loses the same
     digits.
     """
     return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
-class Linear(nn.Module):
+class Linear(nn.Module, kw_only=True):
     """``torch.nn.Linear`` with its default init, or xavier/zero-bias when ``xavier``."""
 
     features: int
@@ -66,7 +66,7 @@ class Linear(nn.Module):
         if self.zero_bias:
             b_init = nn.initializers.zeros
         return nn.Dense(
-            self.features,
+            features=self.features,
             use_bias=self.use_bias,
             kernel_init=k_init,
             bias_init=b_init,
@@ -94,9 +94,9 @@ def _conv1d_bwd(padding, dimension_numbers, precision, res, dy):
     _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, padding, dimension_numbers, precision), x)
     (dx,) = vjp_x(dy)
     # XLA:CPU lowers the kernel gradient to a convolution whose window is the whole
-    # sequence (496 ms for the source gate's k=14, 512-channel conv at B=8, T=365).
+    # sequence, which dominated the source gate's backward pass (benchmarks/README.md).
     # The same sum as one matmul: dW[j, c, f] = sum_{b,s} xp[b, s, c] * dy[b, s - j, f],
-    # with dy shifted k times (k*F columns, small) instead of x (k*C columns): 31 ms.
+    # with dy shifted k times (k*F columns, small) instead of x (k*C columns).
     (lo, hi), = padding
     k = w.shape[0]
     xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0)))
@@ -127,7 +127,7 @@ def conv1d_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return _conv1d(lhs, rhs, padding, dimension_numbers, precision)
 
 
-class Conv1d(nn.Module):
+class Conv1d(nn.Module, kw_only=True):
     """Centred ``torch.nn.Conv1d(padding=k//2)`` over [B, T, C]; even k yields T+1 steps."""
 
     features: int
@@ -139,7 +139,7 @@ class Conv1d(nn.Module):
         k = self.kernel_size
         init = torch_uniform(x.shape[-1] * k)
         return nn.Conv(
-            self.features,
+            features=self.features,
             kernel_size=(k,),
             padding=[(k // 2, k // 2)],
             kernel_init=init,
@@ -151,21 +151,28 @@ class Conv1d(nn.Module):
         )(x)
 
 
-def layer_norm(policy: Policy, name: str | None = None, **module_kwargs) -> nn.LayerNorm:
+def layer_norm(*, policy: Policy, name: str | None = None, **module_kwargs) -> nn.LayerNorm:
     """LayerNorm with torch's epsilon; statistics and output in f32 (``parent=None``: unbound)."""
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name=name, **module_kwargs)
 
 
-def group_norm(num_groups: int, policy: Policy, name: str | None = None) -> nn.GroupNorm:
+def group_norm(*, num_groups: int, policy: Policy, name: str | None = None) -> nn.GroupNorm:
     return nn.GroupNorm(
         num_groups=num_groups, epsilon=LN_EPS, dtype=jnp.float32, param_dtype=policy.param_dtype, name=name
     )
 
 
-def embed(num: int, features: int, policy: Policy, std: float = 1.0, name: str | None = None) -> nn.Embed:
+def embed(
+    *, num_embeddings: int, features: int, policy: Policy, std: float = 1.0, name: str | None = None
+) -> nn.Embed:
     """``nn.Embedding``; std 1.0 is torch's default, 0.02 where the original re-inits."""
     return nn.Embed(
-        num, features, embedding_init=normal(std), dtype=jnp.float32, param_dtype=policy.param_dtype, name=name
+        num_embeddings=num_embeddings,
+        features=features,
+        embedding_init=normal(std),
+        dtype=jnp.float32,
+        param_dtype=policy.param_dtype,
+        name=name,
     )
 
 

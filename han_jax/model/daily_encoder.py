@@ -20,8 +20,19 @@ def soft_compress(x):
     return jnp.where(x > 100, inner, jnp.where(x < -100, -inner, x))
 
 
-def daily_layers_fn(num_layers: int, nhead: int, d_model: int, dropout: float, policy: Policy, deterministic: bool,
-                    causal: bool, attention_block: int = 64, remat: bool = False):
+def _encoder_layer(*, nhead: int, d_model: int, dropout: float, policy: Policy, **kwargs) -> PreNormEncoderLayer:
+    """One layer of the encoder's stack (FFN width 4 * d_model, xavier Linears).
+
+    The module whose parameters :class:`DailySourceEncoder` declares and
+    :func:`daily_layers_fn` applies.
+    """
+    return PreNormEncoderLayer(
+        num_heads=nhead, dim_feedforward=4 * d_model, dropout=dropout, policy=policy, xavier=True, **kwargs
+    )
+
+
+def daily_layers_fn(*, num_layers: int, nhead: int, d_model: int, dropout: float, policy: Policy,
+                    deterministic: bool, causal: bool, attention_block: int = 64, remat: bool = False):
     """The encoder's transformer stack as a pure function of its parameters.
 
     ``run(params, h [B,T,D], key_valid [B,T], key)`` applies ``layers_0..N-1`` and
@@ -32,13 +43,13 @@ def daily_layers_fn(num_layers: int, nhead: int, d_model: int, dropout: float, p
     """
     # Named as the parameters are, so that traces and op names read as the stored tree.
     layers = [
-        PreNormEncoderLayer(
-            nhead, 4 * d_model, dropout, policy, deterministic, xavier=True,
+        _encoder_layer(
+            nhead=nhead, d_model=d_model, dropout=dropout, policy=policy, deterministic=deterministic,
             band=(None, 0) if causal else None, block_size=attention_block, name=f"layers_{i}", parent=None,
         )
         for i in range(num_layers)
     ]
-    norm = layer_norm(policy, "output_norm", parent=None)
+    norm = layer_norm(policy=policy, name="output_norm", parent=None)
 
     def apply_layer(layer, p, h, valid, key):
         return layer.apply({"params": p}, h, valid, rngs=None if key is None else {"dropout": key})
@@ -55,7 +66,7 @@ def daily_layers_fn(num_layers: int, nhead: int, d_model: int, dropout: float, p
     return run
 
 
-class DailySourceEncoder(nn.Module):
+class DailySourceEncoder(nn.Module, kw_only=True):
     """x, m: [B, T, F] -> [B, T, D].
 
     ``feature_embedding`` is created (the original has it) but, as in the original,
@@ -88,9 +99,9 @@ class DailySourceEncoder(nn.Module):
         t = x.shape[1]
         x = jnp.where(m, x, 0.0).astype(jnp.float32)
         x = soft_compress(x)
-        h = Linear(d, pol, xavier=True, name="feature_projection")(x)
-        h = gelu(layer_norm(pol, "feature_norm")(h))
-        h = Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Linear(features=d, policy=pol, xavier=True, name="feature_projection")(x)
+        h = gelu(layer_norm(policy=pol, name="feature_norm")(h))
+        h = Dropout(rate=self.dropout)(h, deterministic=deterministic)
         h = jnp.where(jnp.any(jnp.abs(h) > 1000), jnp.clip(h, -100, 100), h)
 
         obs = jnp.any(m, axis=-1)  # [B, T]
@@ -98,20 +109,26 @@ class DailySourceEncoder(nn.Module):
         h = jnp.where(obs[..., None], h, token.astype(h.dtype))
         # Unused in the original's forward; kept for a 1:1 parameter mapping.
         self.param("feature_embedding", normal(0.02), (self.n_features, d), pol.param_dtype)
-        h = h + embed(2, d, pol, std=0.02, name="observation_status_embedding")(obs.astype(jnp.int32))
+        h = h + embed(num_embeddings=2, features=d, policy=pol, std=0.02, name="observation_status_embedding")(
+            obs.astype(jnp.int32)
+        )
         h = h + jnp.asarray(sinusoidal_table(self.max_len, d)[:t])
-        h = Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(rate=self.dropout)(h, deterministic=deterministic)
         key_valid = unmask_first_if_all_masked(obs)
 
         # Unbound templates (parent=None): only their parameters are declared here.
-        template = PreNormEncoderLayer(self.nhead, 4 * d, self.dropout, pol, True, xavier=True, parent=None)
-        norm = layer_norm(pol, parent=None)
+        template = _encoder_layer(
+            nhead=self.nhead, d_model=d, dropout=self.dropout, policy=pol, deterministic=True, parent=None
+        )
+        norm = layer_norm(policy=pol, parent=None)
         example = jnp.zeros((1, 1, d), jnp.float32)
         params = {f"layers_{i}": declare_params(self, f"layers_{i}", template, example, None)
                   for i in range(self.num_layers)}
         params["output_norm"] = declare_params(self, "output_norm", norm, example)
         if self.defer_layers:
             return h, key_valid, params
-        run = daily_layers_fn(self.num_layers, self.nhead, d, self.dropout, pol, deterministic, self.causal,
-                              self.attention_block, self.remat)
+        run = daily_layers_fn(
+            num_layers=self.num_layers, nhead=self.nhead, d_model=d, dropout=self.dropout, policy=pol,
+            deterministic=deterministic, causal=self.causal, attention_block=self.attention_block, remat=self.remat,
+        )
         return run(params, h, key_valid, None if deterministic else self.make_rng("dropout"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ def local_window_valid(t: int, window: int, causal: bool = True):
     return (j >= i - window // 2) & (j <= i + window // 2)
 
 
-class DailyTemporalEncoder(nn.Module):
+class DailyTemporalEncoder(nn.Module, kw_only=True):
     """x [B, T, D], mask [B, T] -> [B, T, D].
 
     The convolutions are centred (non-causal; k=28 sees t-14..t+13) and for even
@@ -50,39 +52,47 @@ class DailyTemporalEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, mask, *, deterministic: bool):
         d, pol, det = self.d_model, self.policy, deterministic
+        linear = partial(Linear, policy=pol)
+        norm = partial(layer_norm, policy=pol)
+        table = partial(embed, features=d, policy=pol)
+
+        def drop(y):
+            return Dropout(rate=self.dropout)(y, deterministic=det)
+
         t = x.shape[1]
         residual = x
         pos = jnp.arange(t)
         p = jax.nn.softmax(self.param("pos_scale", nn.initializers.ones, (4,), pol.param_dtype).astype(jnp.float32))
-        dow = embed(7, d, pol, name="day_of_week_embedding")(pos % 7)
-        month = embed(12, d, pol, name="month_embedding")((pos // 30) % 12)
+        dow = table(num_embeddings=7, name="day_of_week_embedding")(pos % 7)
+        month = table(num_embeddings=12, name="month_embedding")((pos // 30) % 12)
         xe = p[0] * jnp.asarray(sinusoidal_table(self.max_len, d)[:t]) + p[1] * dow + p[2] * month + p[3] * x
-        xe = Dropout(self.dropout)(layer_norm(pol, "pos_norm")(xe), deterministic=det)
+        xe = drop(norm(name="pos_norm")(xe))
 
         outs = []
         for i, k in enumerate(self.kernel_sizes):
-            y = Conv1d(d // 4, k, pol, name=f"multi_scale_conv_{i}")(xe)
-            y = group_norm(4, pol, name=f"multi_scale_norm_{i}")(y)  # over all T(+1) steps
-            outs.append(Dropout(self.dropout)(gelu(y), deterministic=det))
+            y = Conv1d(features=d // 4, kernel_size=k, policy=pol, name=f"multi_scale_conv_{i}")(xe)
+            y = group_norm(num_groups=4, policy=pol, name=f"multi_scale_norm_{i}")(y)  # over all T(+1) steps
+            outs.append(drop(gelu(y)))
         ms = jnp.concatenate([o[:, :t] for o in outs], axis=-1)
-        ms = Linear(d, pol, name="conv_fusion")(ms)
-        ms = Dropout(self.dropout)(gelu(layer_norm(pol, "conv_fusion_norm")(ms)), deterministic=det)
+        ms = linear(features=d, name="conv_fusion")(ms)
+        ms = drop(gelu(norm(name="conv_fusion_norm")(ms)))
 
-        g = Linear(d, pol, name="temporal_gate_0")(jnp.concatenate([xe, ms], axis=-1))
-        g = Dropout(self.dropout)(gelu(layer_norm(pol, "temporal_gate_norm")(g)), deterministic=det)
-        g = jax.nn.sigmoid(Linear(d, pol, name="temporal_gate_1")(g).astype(jnp.float32))
+        g = linear(features=d, name="temporal_gate_0")(jnp.concatenate([xe, ms], axis=-1))
+        g = drop(gelu(norm(name="temporal_gate_norm")(g)))
+        g = jax.nn.sigmoid(linear(features=d, name="temporal_gate_1")(g).astype(jnp.float32))
         gf = g * ms + (1.0 - g) * xe
 
         valid = combine_masks(unmask_first_if_all_masked(mask), local_window_valid(t, self.window))
         a, _ = MultiheadAttention(
-            self.nhead, self.dropout, pol, band=(self.window - 1, 0), block_size=self.attention_block,
-            name="local_attention",
+            num_heads=self.nhead, dropout=self.dropout, policy=pol, band=(self.window - 1, 0),
+            block_size=self.attention_block, name="local_attention",
         )(gf, gf, gf, valid=valid, deterministic=det)
-        a = Dropout(self.dropout)(a, deterministic=det)
-        a = layer_norm(pol, "attn_norm")(gf + a)
+        a = drop(a)
+        a = norm(name="attn_norm")(gf + a)
 
-        og = jax.nn.sigmoid(Linear(d, pol, name="output_gate")(jnp.concatenate([residual, a], -1)).astype(jnp.float32))
-        out = layer_norm(pol, "output_norm")(og * a + (1.0 - og) * residual)
-        out = Dropout(self.dropout)(out, deterministic=det)
+        og = linear(features=d, name="output_gate")(jnp.concatenate([residual, a], -1))
+        og = jax.nn.sigmoid(og.astype(jnp.float32))
+        out = norm(name="output_norm")(og * a + (1.0 - og) * residual)
+        out = drop(out)
         rs = self.param("residual_scale", nn.initializers.constant(0.1), (), pol.param_dtype).astype(jnp.float32)
         return out + rs * residual

@@ -2,15 +2,14 @@
 
 Why not ``flax.linen.Dropout``: on CPU, ``jax.random.bernoulli`` materialises one
 u32 per element from the bit generator before the mask is applied. Profiling the
-default train step (B=8, T=365) showed the bit generators alone took about 110 ms
-for each [8, 8, 365, 365] attention-dropout mask: more than the attention matmuls.
-Every implementation JAX offers (threefry2x32, rbg, unsafe_rbg) costs 50-70 ms for a
-6M-element mask on 2 cores, against 7 ms for an elementwise pass over the same data.
+default train step showed the bit generators alone costing more than the attention
+matmuls for each attention-dropout mask, with every implementation JAX offers
+(threefry2x32, rbg, unsafe_rbg); the figures are in ``benchmarks/README.md``.
 
 Here each element's bits are a hash of (its linear index, a 64-bit seed drawn from the
 module's ``dropout`` rng stream): a few integer multiplies and shifts that XLA fuses
-into the consumer of the mask, so a mask costs about one elementwise pass (8.5 ms for
-the same 6M elements) and is recomputed rather than stored where XLA prefers.
+into the consumer of the mask, so a mask costs about one elementwise pass and is
+recomputed rather than stored where XLA prefers.
 Fused GPU attention kernels draw their dropout masks the same counter-based way
 (FlashAttention uses Philox).
 
@@ -60,7 +59,7 @@ def keep_mask(key: jax.Array, keep_prob: float, shape) -> jax.Array:
     return hashed_bits(seed, shape) < jnp.uint32(threshold)
 
 
-class Dropout(nn.Module):
+class Dropout(nn.Module, kw_only=True):
     """Drop-in for ``flax.linen.Dropout(rate)(x, deterministic=...)`` with hashed masks."""
 
     rate: float

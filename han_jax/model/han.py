@@ -42,6 +42,8 @@ Deliberate differences from the original:
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,7 +82,7 @@ def observation_density(daily_obs, monthly_obs, bnd):
     return jnp.clip(0.6 * daily + 0.4 * monthly, 0.0, 1.0)
 
 
-class MultiResolutionHAN(nn.Module):
+class MultiResolutionHAN(nn.Module, kw_only=True):
     """The original MultiResolutionHAN as a pure Flax module.
 
     ``__call__(inputs, *, deterministic)`` takes a :class:`han_jax.batch.Inputs`
@@ -103,20 +105,23 @@ class MultiResolutionHAN(nn.Module):
         if t > cfg.max_daily_len:
             raise ValueError(f"daily window {t} exceeds max_daily_len {cfg.max_daily_len}")
         vmap_sources = cfg.vmap_sources if cfg.vmap_sources is not None else jax.default_backend() != "cpu"
+        daily_encoder = partial(
+            DailySourceEncoder, d_model=d, nhead=cfg.nhead, num_layers=cfg.num_daily_layers, dropout=cfg.dropout,
+            causal=cfg.causal, max_len=cfg.max_daily_len, policy=pol, remat=cfg.remat,
+            attention_block=cfg.attention_block, defer_layers=vmap_sources,
+        )
         daily = [
-            DailySourceEncoder(
-                f, d, cfg.nhead, cfg.num_daily_layers, cfg.dropout, cfg.causal, cfg.max_daily_len, pol,
-                remat=cfg.remat, attention_block=cfg.attention_block, defer_layers=vmap_sources,
-                name=f"daily_encoders_{name}",
-            )(x, m, deterministic=det)
+            daily_encoder(n_features=f, name=f"daily_encoders_{name}")(x, m, deterministic=det)
             for (name, f), x, m in zip(cfg.daily_sources, d_feats, d_masks)
         ]
         if vmap_sources:
             # The per-source embeddings differ in shape; the transformer stacks do not:
             # run them as one vmapped stack over the sources' stacked parameters.
             h, key_valid, params = (list(parts) for parts in zip(*daily))
-            run = daily_layers_fn(cfg.num_daily_layers, cfg.nhead, d, cfg.dropout, pol, det, cfg.causal,
-                                  cfg.attention_block, cfg.remat)
+            run = daily_layers_fn(
+                num_layers=cfg.num_daily_layers, nhead=cfg.nhead, d_model=d, dropout=cfg.dropout, policy=pol,
+                deterministic=det, causal=cfg.causal, attention_block=cfg.attention_block, remat=cfg.remat,
+            )
             args = [stack_trees(params), jnp.stack(h), jnp.stack(key_valid)]
             if not det:
                 args.append(jax.random.split(self.make_rng("dropout"), len(h)))
@@ -126,22 +131,24 @@ class MultiResolutionHAN(nn.Module):
 
         # Stage 2: cross-source fusion and temporal source gate.
         fused, day_mask = DailyCrossSourceFusion(
-            d, cfg.nhead, cfg.num_fusion_layers, cfg.dropout, cfg.max_daily_len, pol, name="daily_fusion"
+            d_model=d, nhead=cfg.nhead, num_layers=cfg.num_fusion_layers, dropout=cfg.dropout,
+            max_len=cfg.max_daily_len, policy=pol, name="daily_fusion",
         )(hiddens, d_masks, deterministic=det)
 
         # Stage 3: daily temporal encoder.
         fused = DailyTemporalEncoder(
-            d, max(4, cfg.nhead // 2), cfg.dropout, cfg.local_window, cfg.max_daily_len, pol,
-            attention_block=cfg.attention_block, name="daily_temporal_encoder",
+            d_model=d, nhead=max(4, cfg.nhead // 2), dropout=cfg.dropout, window=cfg.local_window,
+            max_len=cfg.max_daily_len, policy=pol, attention_block=cfg.attention_block, name="daily_temporal_encoder",
         )(fused, day_mask, deterministic=det)
 
         # Stage 4: daily -> monthly aggregation.
         m = bnd.shape[1]
         if m > cfg.max_months:
             raise ValueError(f"{m} months exceed max_months {cfg.max_months}")
-        agg, agg_mask, _ = MonthlyAggregation(d, cfg.nhead, cfg.max_months, cfg.dropout, pol, name="monthly_aggregation")(
-            fused, bnd, day_mask, deterministic=det
-        )
+        agg, agg_mask, _ = MonthlyAggregation(
+            d_model=d, nhead=cfg.nhead, max_months=cfg.max_months, dropout=cfg.dropout, policy=pol,
+            name="monthly_aggregation",
+        )(fused, bnd, day_mask, deterministic=det)
 
         # Stage 5: monthly encoders.
         m_feats, m_tmasks = [], []
@@ -152,45 +159,52 @@ class MultiResolutionHAN(nn.Module):
         if m_feats[0].shape[1] != m:
             raise ValueError("monthly window length must equal month_boundaries.shape[1]")
         monthly, source_importance = MultiSourceMonthlyEncoder(
-            tuple(f for _, f in cfg.monthly_sources), d, cfg.nhead, cfg.num_monthly_layers, cfg.num_fusion_layers,
-            cfg.monthly_dim_feedforward, cfg.dropout, cfg.max_months, pol, name="monthly_encoder",
+            n_features=tuple(f for _, f in cfg.monthly_sources), d_model=d, nhead=cfg.nhead,
+            num_layers=cfg.num_monthly_layers, num_fusion_layers=cfg.num_fusion_layers,
+            dim_feedforward=cfg.monthly_dim_feedforward, dropout=cfg.dropout, max_months=cfg.max_months, policy=pol,
+            name="monthly_encoder",
         )(m_feats, m_tmasks, deterministic=det)
         monthly_mask = jnp.any(jnp.stack(m_tmasks, 0), axis=0)
 
         # Stage 6: cross-resolution fusion.
         fused_monthly, maps = CrossResolutionFusion(
-            d, cfg.nhead, cfg.num_fusion_layers, cfg.dropout, pol, name="cross_resolution_fusion"
+            d_model=d, nhead=cfg.nhead, num_layers=cfg.num_fusion_layers, dropout=cfg.dropout, policy=pol,
+            name="cross_resolution_fusion",
         )(agg, monthly, agg_mask, monthly_mask, deterministic=det)
 
         # Stage 7: causal temporal encoder over months.
         z = TemporalEncoder(
-            d, cfg.nhead, cfg.num_temporal_layers, cfg.dropout, cfg.causal, cfg.max_months, pol, name="temporal_encoder"
+            d_model=d, nhead=cfg.nhead, num_layers=cfg.num_temporal_layers, dropout=cfg.dropout, causal=cfg.causal,
+            max_len=cfg.max_months, policy=pol, name="temporal_encoder",
         )(fused_monthly, monthly_mask, deterministic=det)
 
         # Stage 8: heads.
         hid = 2 * d
+        mlp_head = partial(MLPHead, hidden=hid, dropout=cfg.dropout, policy=pol)
         out = {"temporal_output": z}
-        out["casualty_pred"], out["casualty_var"] = CasualtyHead(hid, cfg.dropout, pol, name="casualty_head")(
+        out["casualty_pred"], out["casualty_var"] = CasualtyHead(
+            hidden=hid, dropout=cfg.dropout, policy=pol, name="casualty_head"
+        )(z, deterministic=det)
+        out["regime_logits"] = mlp_head(hidden2=hid // 2, out=cfg.n_regime_classes, name="regime_head")(
             z, deterministic=det
         )
-        out["regime_logits"] = MLPHead(hid, hid // 2, cfg.n_regime_classes, cfg.dropout, pol, name="regime_head")(
-            z, deterministic=det
-        )
-        out["anomaly_score"] = MLPHead(hid, hid // 2, 1, cfg.dropout, pol, name="anomaly_head")(z, deterministic=det)
-        out["forecast_pred"] = MLPHead(hid, hid, cfg.n_monthly_features, cfg.dropout, pol, name="forecast_head")(
+        out["anomaly_score"] = mlp_head(hidden2=hid // 2, out=1, name="anomaly_head")(z, deterministic=det)
+        out["forecast_pred"] = mlp_head(hidden2=hid, out=cfg.n_monthly_features, name="forecast_head")(
             z, deterministic=det
         )
         if cfg.use_latent_forecast:
             out["daily_forecast_pred"] = LatentStatePredictor(
-                d, cfg.daily_forecast_horizon, hid, cfg.dropout, pol, name="daily_forecast_head"
+                d_model=d, horizon=cfg.daily_forecast_horizon, hidden=hid, dropout=cfg.dropout, policy=pol,
+                name="daily_forecast_head",
             )(z, deterministic=det)
         else:
             out["daily_forecast_pred"] = DailyForecastingHead(
-                cfg.daily_forecast_horizon, cfg.n_daily_features, hid, cfg.dropout, pol, name="daily_forecast_head"
+                horizon=cfg.daily_forecast_horizon, out=cfg.n_daily_features, hidden=hid, dropout=cfg.dropout,
+                policy=pol, name="daily_forecast_head",
             )(z, deterministic=det)
         out["source_importance"] = source_importance
         density = observation_density([jnp.any(x, axis=-1) for x in d_masks], m_tmasks, bnd)
-        out["uncertainty"] = UncertaintyEstimator(d // 2, pol, name="uncertainty_estimator")(z, density)
+        out["uncertainty"] = UncertaintyEstimator(hidden=d // 2, policy=pol, name="uncertainty_estimator")(z, density)
         if cfg.return_attention:
             for layer, pair in maps.items():
                 for direction, probs in pair.items():

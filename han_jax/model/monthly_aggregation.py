@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -28,7 +30,7 @@ def month_masks(bnd, day_valid, t: int):
     return in_month | fix, key_valid | jnp.any(fix, axis=1), in_month
 
 
-class MonthlyAggregation(nn.Module):
+class MonthlyAggregation(nn.Module, kw_only=True):
     """daily [B, T, D], boundaries [B, M, 2], day mask [B, T] -> ([B, M, D], agg_mask [B, M], probs).
 
     The same LayerNorm (norm1) normalises queries and keys; values are un-normed.
@@ -43,24 +45,28 @@ class MonthlyAggregation(nn.Module):
     @nn.compact
     def __call__(self, daily, bnd, day_valid, *, deterministic: bool):
         d, pol, det = self.d_model, self.policy, deterministic
+        linear = partial(Linear, policy=pol)
+
+        def drop(y):
+            return Dropout(rate=self.dropout)(y, deterministic=det)
+
         b, t, _ = daily.shape
         m = bnd.shape[1]
         queries = self.param("month_queries", normal(d**-0.5), (1, self.max_months, d), pol.param_dtype)
-        q = queries[:, :m].astype(jnp.float32) + embed(self.max_months, d, pol, name="month_position_embedding")(
-            jnp.arange(m)
-        )
+        position = embed(num_embeddings=self.max_months, features=d, policy=pol, name="month_position_embedding")
+        q = queries[:, :m].astype(jnp.float32) + position(jnp.arange(m))
         q = jnp.broadcast_to(q, (b, m, d))
         attn_valid, key_valid, in_month = month_masks(bnd, day_valid, t)
         valid = (attn_valid & key_valid[:, None, :])[:, None]  # [B, 1, M, T]
-        norm1 = layer_norm(pol, "norm1")
-        att, probs = MultiheadAttention(self.nhead, self.dropout, pol, name="cross_attention")(
+        norm1 = layer_norm(policy=pol, name="norm1")
+        att, probs = MultiheadAttention(num_heads=self.nhead, dropout=self.dropout, policy=pol, name="cross_attention")(
             norm1(q), norm1(daily), daily, valid=valid, deterministic=det
         )
         a = q + att  # rows without any valid day got zero attention (original: nan_to_num)
-        f = Linear(4 * d, pol, name="ffn_0")(layer_norm(pol, "norm2")(a))
-        f = Dropout(self.dropout)(gelu(f), deterministic=det)
-        f = Dropout(self.dropout)(Linear(d, pol, name="ffn_1")(f), deterministic=det)
-        y = Linear(d, pol, name="output_projection")(a + f)
+        f = linear(features=4 * d, name="ffn_0")(layer_norm(policy=pol, name="norm2")(a))
+        f = drop(gelu(f))
+        f = drop(linear(features=d, name="ffn_1")(f))
+        y = linear(features=d, name="output_projection")(a + f)
         start, end = bnd[..., 0], bnd[..., 1]
         agg_mask = jnp.any(in_month & day_valid[:, None, :], axis=-1) & (start < end) & (start < t) & (end <= t)
         return y, agg_mask, probs

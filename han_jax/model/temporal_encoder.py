@@ -12,7 +12,7 @@ from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
 from han_jax.precision import Policy
 
 
-class TemporalEncoder(nn.Module):
+class TemporalEncoder(nn.Module, kw_only=True):
     d_model: int
     nhead: int
     num_layers: int
@@ -25,11 +25,11 @@ class TemporalEncoder(nn.Module):
     def __call__(self, x, mask, *, deterministic: bool):
         m = x.shape[1]
         h = x + jnp.asarray(sinusoidal_table(self.max_len, self.d_model)[:m])
-        h = Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(rate=self.dropout)(h, deterministic=deterministic)
         valid = combine_masks(unmask_first_if_all_masked(mask), causal_valid(m) if self.causal else None)
         for i in range(self.num_layers):
             h = PreNormEncoderLayer(
-                self.nhead, 4 * self.d_model, self.dropout, self.policy, deterministic,
-                band=(None, 0) if self.causal else None, name=f"layers_{i}",
+                num_heads=self.nhead, dim_feedforward=4 * self.d_model, dropout=self.dropout, policy=self.policy,
+                deterministic=deterministic, band=(None, 0) if self.causal else None, name=f"layers_{i}",
             )(h, valid)
-        return layer_norm(self.policy, "output_norm")(h)
+        return layer_norm(policy=self.policy, name="output_norm")(h)

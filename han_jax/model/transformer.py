@@ -7,6 +7,7 @@ without static argument bookkeeping.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ from han_jax.model.dropout import Dropout
 from han_jax.precision import Policy
 
 
-class PreNormEncoderLayer(nn.Module):
+class PreNormEncoderLayer(nn.Module, kw_only=True):
     num_heads: int
     dim_feedforward: int
     dropout: float
@@ -32,17 +33,23 @@ class PreNormEncoderLayer(nn.Module):
     def __call__(self, x, valid):
         det = self.deterministic
         d = x.shape[-1]
-        h = layer_norm(self.policy, "norm1")(x)
+        linear = partial(Linear, policy=self.policy, xavier=self.xavier)
+        norm = partial(layer_norm, policy=self.policy)
+
+        def drop(y):
+            return Dropout(rate=self.dropout)(y, deterministic=det)
+
+        h = norm(name="norm1")(x)
         a, _ = MultiheadAttention(
-            self.num_heads, self.dropout, self.policy, xavier_out=self.xavier, band=self.band,
-            block_size=self.block_size, name="self_attn",
+            num_heads=self.num_heads, dropout=self.dropout, policy=self.policy, xavier_out=self.xavier,
+            band=self.band, block_size=self.block_size, name="self_attn",
         )(h, h, h, valid=valid, deterministic=det)
-        x = x + Dropout(self.dropout)(a, deterministic=det)
-        h = layer_norm(self.policy, "norm2")(x)
-        h = Linear(self.dim_feedforward, self.policy, xavier=self.xavier, name="linear1")(h)
-        h = Dropout(self.dropout)(gelu(h), deterministic=det)
-        h = Linear(d, self.policy, xavier=self.xavier, name="linear2")(h)
-        return x + Dropout(self.dropout)(h, deterministic=det)
+        x = x + drop(a)
+        h = norm(name="norm2")(x)
+        h = linear(features=self.dim_feedforward, name="linear1")(h)
+        h = drop(gelu(h))
+        h = linear(features=d, name="linear2")(h)
+        return x + drop(h)
 
 
 def causal_valid(n: int):
