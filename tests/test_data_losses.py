@@ -90,5 +90,9 @@ def test_monthly_csv(world):
 def test_full_real_data():
     ds = build_datasets(make_world(DataConfig.losses(SHARED)), DataConfig.losses(SHARED))
     assert ds.calendar.n_days == 1407 and str(ds.calendar.end) == "2025-12-31"
-    assert ds.info["anchors"] == {"train": 621, "val": 10, "test": 10}
+    assert ds.info["anchors"] == {"train": 621, "val": 211, "test": 211}
     assert ds.daily_sources == (("personnel", 12), ("drones", 9), ("armor", 9), ("artillery", 15))
+    assert ds.info["count_transform"] == "log1p"
+    auto = build_datasets(make_world(DataConfig.losses(SHARED)), DataConfig.losses(SHARED, val_sample_stride=None))
+    assert auto.info["anchors"] == {"train": 621, "val": 10, "test": 10}
+    assert auto.val.stride == 23 and auto.test.stride == 23

@@ -37,7 +37,7 @@ def small():
     return w, build_datasets(w, DataConfig.small())
 
 
-# --- calendar and month boundaries (data.md 2 and 7) ---------------------------------------------
+# --- calendar and month boundaries (docs/data.md 1.4, 2.4 and 7.3) ---------------------------------------------
 
 
 def test_calendar_default(realistic):
@@ -76,13 +76,46 @@ def test_month_boundaries_cover_window(learnable):
 
 
 def test_split_sizes_default(realistic):
+    # han-jax's default val/test stride is 1 (every valid day), not the original's automatic stride.
     _, ds = realistic
     assert ds.info["split_days"] == {"train": (0, 1004), "val": (1004, 1219), "test": (1219, 1434)}
+    assert ds.info["anchors"] == {"train": 640, "val": 215, "test": 215}
+    assert ds.val.stride == 1 and ds.test.stride == 1
+    np.testing.assert_array_equal(ds.val.anchors, np.arange(1004, 1219))
+    np.testing.assert_array_equal(ds.test.anchors, np.arange(1219, 1434))
+    assert ds.train.anchors.max() < ds.val.anchors.min() <= ds.val.anchors.max() < ds.test.anchors.min()
+    assert any("anchors train=640 val=215 (stride 1) test=215 (stride 1)" in r for r in ds.report)
+
+
+def test_split_sizes_automatic_stride(realistic):
+    # val_sample_stride=None: the original's automatic stride, 10 anchors at stride 23.
+    w, base = realistic
+    ds = build_datasets(w, DataConfig(val_sample_stride=None))
     assert ds.info["anchors"] == {"train": 640, "val": 10, "test": 10}
     assert ds.val.stride == 23 and ds.test.stride == 23
     dates = [str(ds.calendar.day_dates[a]) for a in ds.test.anchors]
     assert dates[:2] == ["2025-06-27", "2025-07-20"] and dates[-1] == "2026-01-20"
     assert ds.train.anchors.max() < ds.val.anchors.min() <= ds.val.anchors.max() < ds.test.anchors.min()
+    # The thinned anchors are a subset of the default's, with the same per-anchor targets.
+    np.testing.assert_array_equal(ds.test.anchors, base.test.anchors[::23])
+    np.testing.assert_array_equal(ds.test.targets["forecast_targets"], base.test.targets["forecast_targets"][::23])
+
+
+def test_anchor_counts_default_and_main_job():
+    # At least 100 val and test anchors on the embedded world, for the default and the README's main job.
+    for cfg in (DataConfig(), DataConfig(daily_seq_len=90, monthly_seq_len=4)):
+        ds = build_datasets(make_synthetic_world(0, "learnable"), cfg)
+        assert ds.info["anchors"]["val"] >= 100 and ds.info["anchors"]["test"] >= 100
+        assert ds.info["stride"] == {"train": 1, "val": 1, "test": 1}
+    assert ds.info["anchors"] == {"train": 915, "val": 215, "test": 215}
+    auto = build_datasets(make_synthetic_world(0, "learnable"), DataConfig(daily_seq_len=90, monthly_seq_len=4,
+                                                                          val_sample_stride=None))
+    assert auto.info["anchors"] == {"train": 915, "val": 10, "test": 10} and auto.val.stride == 23
+    # The test preset: 300 days, 45 val and 45 test anchors (automatic: 12 at stride 4).
+    small = build_datasets(make_synthetic_world(0, "learnable", "small"), DataConfig.small())
+    assert small.info["anchors"] == {"train": 151, "val": 45, "test": 45}
+    small_auto = build_datasets(make_synthetic_world(0, "learnable", "small"), DataConfig.small(val_sample_stride=None))
+    assert small_auto.info["anchors"] == {"train": 151, "val": 12, "test": 12} and small_auto.val.stride == 4
 
 
 def test_split_ratio_stride_embargo_configurable():
@@ -238,7 +271,7 @@ def test_missing_casualty_months():
     assert np.all(tr["fatalities"][hit] == 0)
 
 
-# --- synthetic world properties (data.md 7) -------------------------------------------------------
+# --- synthetic world properties (docs/data.md 7.3) -------------------------------------------------------
 
 
 def test_synthetic_properties(realistic):
@@ -333,7 +366,8 @@ def test_shuffle_by_seed_and_epoch(small):
         return np.concatenate([i.daily_features["personnel"][:, -1, 0] for i, _ in iterate_batches(ds.train, 16, **kw)])
 
     plain = rows()
-    e0, e0b, e1 = rows(shuffle=True, seed=0, epoch=0), rows(shuffle=True, seed=0, epoch=0), rows(shuffle=True, seed=0, epoch=1)
+    e0, e0b = rows(shuffle=True, seed=0, epoch=0), rows(shuffle=True, seed=0, epoch=0)
+    e1 = rows(shuffle=True, seed=0, epoch=1)
     np.testing.assert_array_equal(e0, e0b)
     assert not np.array_equal(e0, e1) and not np.array_equal(e0, plain)
     np.testing.assert_allclose(np.sort(e0), np.sort(e1))
@@ -367,7 +401,8 @@ def test_daily_forecast_flag(small):
 def test_layout_exposed(learnable, small):
     _, ds = learnable
     assert ds.daily_sources == (("personnel", 12), ("drones", 9), ("armor", 9), ("artillery", 15))
-    assert ds.monthly_sources == (("sentinel", 7), ("hdx_conflict", 5), ("hdx_food", 10), ("hdx_rainfall", 6), ("iom", 7))
+    assert ds.monthly_sources == (("sentinel", 7), ("hdx_conflict", 5), ("hdx_food", 10), ("hdx_rainfall", 6),
+                                  ("iom", 7))
     assert small[1].daily_sources == (("personnel", 12), ("drones", 9))
     assert ds.train.daily_sources == ds.daily_sources
 

@@ -1,21 +1,24 @@
 """The numpy data pipeline: worlds (synthetic or real) -> aligned, normalised splits -> fixed-shape batches."""
 
+from han_jax.config import MISSING_VALUE, DataConfig
 from han_jax.data.batching import gather, iterate_batches, num_batches
-from han_jax.data.config import MISSING_VALUE, DataConfig
-from han_jax.data.pipeline import Calendar, Datasets, NormStats, SplitData, build_datasets, make_calendar
+from han_jax.data.loss_records import load_losses_world
+from han_jax.data.pipeline import Calendar, Datasets, NormStats, SplitData, build_datasets, check_config, make_calendar
 from han_jax.data.synthetic import make_synthetic_world
-from han_jax.data.losses import load_losses_world
+from han_jax.data.transform import COUNT_TRANSFORMS
 from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTargets, SourceTable, World
 
 __all__ = [
-    "Calendar", "DataConfig", "DataError", "Datasets", "DayTargets", "MISSING_VALUE", "MissingFileError",
-    "MonthTargets", "NormStats", "SourceTable", "SplitData", "World", "build_datasets", "gather",
-    "iterate_batches", "load_losses_world", "make_calendar", "make_synthetic_world", "make_world", "num_batches",
+    "COUNT_TRANSFORMS", "Calendar", "DataConfig", "DataError", "Datasets", "DayTargets", "MISSING_VALUE",
+    "MissingFileError", "MonthTargets", "NormStats", "SourceTable", "SplitData", "World", "build_datasets",
+    "check_config", "gather", "iterate_batches", "load_losses_world", "make_calendar", "make_synthetic_world",
+    "make_world", "num_batches",
 ]
 
 
 def make_world(config: DataConfig) -> World:
     """The world a ``DataConfig`` names (synthetic by seed/mode/preset, or the real loss data)."""
+    check_config(config)  # a bad setting fails before the world is generated or loaded
     if config.source == "synthetic":
         def names(spec):
             return None if spec is None else [e if isinstance(e, str) else e[0] for e in spec]

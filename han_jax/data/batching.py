@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from han_jax.batch import Inputs, Targets
-from han_jax.data.pipeline import SplitData
+from han_jax.data.splits import SplitData
 from han_jax.data.world import DataError
 
 

@@ -1,4 +1,4 @@
-"""The original's delta-feature engineering (data.md 1.2), ported from pandas to numpy.
+"""The original's delta-feature engineering (docs/data.md 1.2), ported from pandas to numpy.
 
 Inputs are cumulative counters on a complete daily range (NaN where a day has no
 record); outputs are the loaders' feature tables, NaN-free, in the original's
@@ -27,7 +27,14 @@ PERSONNEL_FEATURES: Tuple[str, ...] = (
     "intensity_ratio",
 )
 
-# Equipment sources: (base counters, aggregate prefix), data.md 1.2.
+# The daily features that are ratios, not counts: ``personnel_pct_change_7d`` (``pct_change(7)``
+# clipped to +-5) and ``intensity_ratio`` (daily / 30-day mean, clipped to +-5, NaN -> 1).
+# Every other daily feature is a count or a count-scale statistic of the deltas (daily delta,
+# rolling mean / std, acceleration, momentum), none already logged; ``DataConfig.count_transform``
+# applies to those and leaves these alone (han_jax/data/transform.py).
+RATIO_FEATURES: Tuple[str, ...] = ("personnel_pct_change_7d", "intensity_ratio")
+
+# Equipment sources: (base counters, aggregate prefix), docs/data.md 1.2.
 EQUIPMENT_SOURCES: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "drones": (("drone", "cruise_missiles"), "drones"),
     "armor": (("tank", "APC"), "armor"),

@@ -1,4 +1,4 @@
-"""The original's operations timeline (data.md section 9) as per-day phase labels."""
+"""The original's operations timeline (docs/data.md section 9) as per-day phase labels."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Loader for the 2022-Ukraine-Russia-War-Dataset JSON files (real public daily loss data).
 
+(Records of war losses; the training objectives are ``han_jax/losses.py``.)
+
 ``load_losses_world(directory, monthly_csv_dir=None)`` reads
 ``russia_losses_personnel.json`` and ``russia_losses_equipment.json`` and builds
 the original's four daily sources (personnel 12, drones 9, armor 9, artillery 15)
 with the same delta-feature engineering, plus the regime/transition targets from
-the operations timeline (data.md section 9). Everything it decides (late, stopped,
+the operations timeline (docs/data.md section 9). Everything it decides (late, stopped,
 renamed or gapped fields, fallbacks) goes into ``World.report`` and the log.
 
 Monthly inputs and the casualty / anomaly targets come from optional CSV files in
@@ -184,7 +186,8 @@ def load_losses_world(directory: str, monthly_csv_dir: Optional[str] = None) -> 
             i = np.flatnonzero(gaps > 0)
             spans = ", ".join(f"{dates[j] + 1}..{dates[j + 1] - 1}" for j in i[:5])
             note(report, f"{fname}: {int(gaps.sum())} missing days in {len(i)} gap(s) ({spans}"
-                         f"{', ...' if len(i) > 5 else ''}); deltas are 0 there and on the day after, as in the original")
+                         f"{', ...' if len(i) > 5 else ''}); deltas are 0 there and on the day after, "
+                         "as in the original")
         text = sorted(k[8:] for k in fields if k.startswith("__text__"))
         if text:
             note(report, f"{fname}: non-numeric field(s) {text} ignored")
@@ -255,7 +258,7 @@ def load_losses_world(directory: str, monthly_csv_dir: Optional[str] = None) -> 
     if month_t is None:
         note(report, "no casualty CSV: casualty targets are invalid for every month (the loss falls back)")
         month_t = MonthTargets(np.zeros(0, "datetime64[D]"), np.zeros(0), np.zeros(0, bool))
-    note(report, f"phase labels from the operations timeline (data.md 9), valid {dd[0]}..{dd[-1]}; "
+    note(report, f"phase labels from the operations timeline (docs/data.md 9), valid {dd[0]}..{dd[-1]}; "
                  f"{int(trans[1:].sum())} transitions")
     day_t = DayTargets(dd, phase, np.ones(len(dd), bool), trans, anomaly.astype(np.float32), a_valid, n_act)
     return World(daily, monthly, day_t, month_t, name=f"losses:{directory}", report=report)
@@ -376,12 +379,14 @@ def _read_monthly_dir(directory: Optional[str], report):
         d, feats, v = _read_csv(fpath, monthly=True)
         if "fatalities" not in feats:
             raise DataError(f"{fpath}: no 'fatalities' column in {list(feats)}; expected date,fatalities")
-        month_t = _fatality_targets(d, v[:, feats.index("fatalities")], fpath)
-        note(report, f"casualty targets from {fpath}: {int((~np.isnan(f)).sum())} valid months")
+        fatalities = v[:, feats.index("fatalities")]
+        month_t = _fatality_targets(d, fatalities, fpath)
+        note(report, f"casualty targets from {fpath}: {int((~np.isnan(fatalities)).sum())} valid months")
     elif "hdx_conflict" in monthly and "fatalities" in monthly["hdx_conflict"].feature_names:
         t = monthly["hdx_conflict"]
         month_t = _fatality_targets(t.dates, t.values[:, t.feature_names.index("fatalities")], t.origin)
-        note(report, f"casualty targets from the 'fatalities' column of {t.origin} (the original's input/target leakage)")
+        note(report, f"casualty targets from the 'fatalities' column of {t.origin} "
+                     "(the original's input/target leakage)")
     radiance = None
     vpath = os.path.join(directory, TARGET_VIIRS)
     if os.path.exists(vpath):

@@ -1,0 +1,98 @@
+"""The count-aware feature transform, applied to the aligned daily values before the train-only fit.
+
+Stage of ``build_datasets``: ``transform_sources`` runs between ``align_sources``
+and ``fit_norm_stats``, so the fitted statistics, the normalised inputs of every
+split and the forecast targets built from them are all on the transformed scale.
+
+``DataConfig.count_transform`` (a han-jax addition; the original has no transform):
+
+* ``"none"``: values pass through unchanged (the original's behaviour, bit for bit).
+* ``"log1p"``: signed log1p, ``sign(x) * log1p(|x|)``, on every count-like daily
+  feature. Signed because deltas of cumulative counters can be negative after a
+  correction, and the acceleration / momentum features are differences.
+
+Which features are count-like: every daily feature except the ratios listed in
+``features.RATIO_FEATURES`` (``personnel_pct_change_7d`` and ``intensity_ratio``,
+dimensionless and already clipped to +-5 by the feature engineering). All the other
+daily loss features are counts or count-scale statistics of the deltas (daily
+deltas, rolling means, rolling stds, acceleration, momentum); none is already
+logged. Monthly sources are not transformed. Missing values (NaN, and a value equal
+to the missing-value sentinel) are left as they are, so the masks do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Tuple
+
+import numpy as np
+
+from han_jax.data.alignment import AlignedSources, SourceSelection
+from han_jax.data.features import RATIO_FEATURES
+from han_jax.data.world import DataError
+
+COUNT_TRANSFORMS: Tuple[str, ...] = ("none", "log1p")
+
+
+def check_count_transform(value) -> str:
+    """The configured transform's name; raises a one-line ``DataError`` for an unknown one.
+
+    ``None`` reads as ``"none"`` (what ``--set data.count_transform=none`` parses to).
+    """
+    name = "none" if value is None else value
+    if name not in COUNT_TRANSFORMS:
+        allowed = ", ".join(repr(v) for v in COUNT_TRANSFORMS)
+        raise DataError(f"DataConfig.count_transform={value!r}; expected one of {allowed}")
+    return name
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    """``sign(x) * log1p(|x|)``: odd, monotone, 0 -> 0, NaN -> NaN."""
+    x = np.asarray(x, np.float64)
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def count_feature_mask(feature_names) -> np.ndarray:
+    """bool ``[F]``: True for the features the transform applies to (all but the ratio features)."""
+    return np.array([n not in RATIO_FEATURES for n in feature_names], bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformedSources:
+    """The aligned sources after the transform, and which daily features it touched (True = transformed)."""
+
+    aligned: AlignedSources
+    method: str
+    daily_features: Dict[str, np.ndarray]  # bool [F] per daily source
+    skipped: Tuple[str, ...]  # names of the selected daily features the transform leaves alone
+
+    def describe(self) -> str:
+        """One line for the datasets' report."""
+        if self.method == "none":
+            return "count transform: none (daily features z-scored on their raw scale, as the original)"
+        n = sum(int(m.sum()) for m in self.daily_features.values())
+        total = sum(len(m) for m in self.daily_features.values())
+        keep = f"; left as they are (ratios): {', '.join(self.skipped)}" if self.skipped else ""
+        return (f"count transform: {self.method}, sign(x) * log1p(|x|) on {n} of {total} daily features "
+                f"before the train-only fit{keep}; monthly sources untransformed")
+
+
+def transform_sources(
+    aligned: AlignedSources, sources: SourceSelection, *, method: str, missing_value: float
+) -> TransformedSources:
+    """Apply the configured count transform to the count-like daily features (see the module docstring).
+
+    ``method="none"`` returns the input arrays themselves (no copy, so nothing changes).
+    """
+    method = check_count_transform(method)
+    if method == "none":
+        none = {n: np.zeros(sources.daily[n].n_features, bool) for n in sources.daily_names}
+        return TransformedSources(aligned, method, none, ())
+    touched = {n: count_feature_mask(sources.daily[n].feature_names) for n in sources.daily_names}
+    skipped = tuple(dict.fromkeys(
+        f for n in sources.daily_names for f, t in zip(sources.daily[n].feature_names, touched[n]) if not t))
+    daily = {}
+    for n, x in aligned.daily.items():
+        apply = touched[n][None, :] & ~np.isnan(x) & (x != missing_value)
+        daily[n] = np.where(apply, signed_log1p(x), x)
+    return TransformedSources(dataclasses.replace(aligned, daily=daily), method, touched, skipped)
