@@ -1,6 +1,6 @@
 """One aggregation of task losses, shared by every phase.
 
-The audit (``shared/spec/loss-audit.md``) found that the original's train and
+The audit (``docs/audit.md`` sections 1 and 3) found that the original's train and
 validation totals were Kendall-weighted while its test total was a plain mean.
 Here ``train_step``, ``eval_step`` and ``test_step`` all call :func:`aggregate`,
 which returns both the weighted total and the simple mean (plus the
@@ -92,7 +92,8 @@ def init_log_vars(
     if isinstance(priors, Mapping):
         unknown = set(priors) - set(task_names)
         if unknown and priors is not DEFAULT_TASK_PRIORS:
-            raise ValueError(f"init_log_vars: priors name unknown tasks {sorted(unknown)}; tasks are {list(task_names)}")
+            raise ValueError(
+                f"init_log_vars: priors name unknown tasks {sorted(unknown)}; tasks are {list(task_names)}")
         return {t: jnp.float32(priors.get(t, 0.0)) for t in task_names}
     return {t: jnp.float32(float(priors)) for t in task_names}
 

@@ -7,16 +7,33 @@ Reference: ML-OSINT commit 75d6392, ``analysis/train_multi_resolution.py``
 
 Layout, after ``optax/losses``: each loss is a small pure function returning
 per-element values; reductions are left to the caller and all go through
-:func:`masked_sum` / :func:`masked_mean` / :func:`masked_var`, which take
+:func:`masked_sum` / :func:`masked_mean` / :func:`masked_moments`, which take
 ``axis_name``. Inside ``pmap`` those helpers ``psum`` sums and counts, so N
 devices holding B/N rows each compute the same batch statistics (class counts,
 means, variances) as one device holding all B rows: pmap correctness lives in
-those three functions and nowhere else.
+those functions and nowhere else.
 
 Where the original selects rows with ``mask.nonzero()`` and branches on
 ``mask.any()``/``.item()``, han-jax multiplies by masks and selects with
 ``jnp.where``; the unselected branch is always computed with safe
 denominators so that neither its value nor its gradient can be NaN.
+
+Batch statistics across batches: every task loss is computed as
+``finalize_losses(loss_statistics(batch))``. :func:`loss_statistics` reduces a
+batch to additive sufficient statistics (sums, counts, per-class vectors) and
+:class:`Moments` for the variances; :func:`combine_statistics` merges those of
+disjoint batches exactly, and :func:`finalize_losses` applies the original's
+floors, penalties, NaN replacements and fallbacks once. A whole validation or
+test split scored batch by batch thus gets the losses of ONE batch holding the
+whole split, for any batch size, padding and device count, while the training
+objective of a batch is unchanged. One thing stays per batch:
+:func:`sanitize_outputs` maps +-inf to +-float32 max only in an output that
+holds a NaN somewhere in the *batch* (the original's ``nan_to_num`` when
+``isnan().any()``); an inf in a batch without NaN stays inf even if another
+batch of the split has one. The clamped heads do not see the difference and
+most others are non-finite either way (squares of float32 max overflow too);
+the exception is the no-regime-target KL term, NaN for an inf logit but a huge
+finite value for float32 max.
 
 Deliberate differences from the original, all for the sake of parity between
 phases and devices rather than of the numbers:
@@ -28,11 +45,13 @@ phases and devices rather than of the numbers:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from han_jax.batch import Targets
@@ -60,12 +79,12 @@ def _psum(x: Array, axis_name: Optional[str]) -> Array:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def masked_sum(x: Array, where: Optional[Array] = None, *, axis_name: Optional[str] = None) -> Array:
-    """Sum of ``x`` where ``where`` holds, over all axes and (with ``axis_name``) all devices."""
+def masked_sum(x: Array, where: Optional[Array] = None, *, axis=None, axis_name: Optional[str] = None) -> Array:
+    """Sum of ``x`` where ``where`` holds, over ``axis`` (all axes by default) and (with ``axis_name``) all devices."""
     x = jnp.asarray(x, jnp.float32)
     if where is not None:
         x = jnp.where(jnp.broadcast_to(where, x.shape), x, 0.0)
-    return _psum(jnp.sum(x), axis_name)
+    return _psum(jnp.sum(x, axis=axis), axis_name)
 
 
 def masked_count(x: Array, where: Optional[Array] = None, *, axis_name: Optional[str] = None) -> Array:
@@ -91,6 +110,79 @@ def masked_mean(
     return total / jnp.maximum(n, 1.0), n
 
 
+def _namespace(*xs):
+    """``numpy`` for host values (numpy, Python numbers), ``jax.numpy`` once any is a jax array or tracer.
+
+    Lets :class:`Moments` merge float64 numpy accumulators on the host without
+    ``jax.numpy`` silently casting them to f32 (x64 is off by default).
+    """
+    return jnp if any(isinstance(x, jax.Array) for x in xs) else np
+
+
+@flax.struct.dataclass
+class Moments:
+    """Count, mean and M2 (sum of squared deviations about the mean) of a set of values.
+
+    A pytree, so it passes through ``jit``/``pmap``/``device_get``. Two sets'
+    Moments merge exactly (:meth:`merge`); the variance needs only these three.
+
+    Attributes:
+      count: number of values (f32 scalar).
+      mean: their mean, 0 when ``count`` is 0.
+      m2: ``sum (x - mean)^2``.
+    """
+
+    count: Array
+    mean: Array
+    m2: Array
+
+    def variance(self, ddof: int = 1) -> Array:
+        """``m2 / max(count - ddof, 1)``: :func:`masked_var`'s value (0, not NaN, when ``count <= ddof``)."""
+        xp = _namespace(self.count, self.m2)
+        return self.m2 / xp.maximum(self.count - ddof, 1.0)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Moments of the union of two disjoint sets (Chan, Golub & LeVeque's parallel formula).
+
+        Args:
+          other: Moments of the other set.
+
+        Returns:
+          ``count = na + nb``, ``mean = ma + delta nb / n``,
+          ``m2 = m2a + m2b + delta^2 na nb / n`` with ``delta = mb - ma``.
+        """
+        xp = _namespace(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        count = self.count + other.count
+        # count is 0 only when both sets are empty (means and M2 all 0): dividing by
+        # max(count, 1) keeps that case at 0 instead of 0/0.
+        frac_other = other.count / xp.maximum(count, 1.0)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * frac_other
+        m2 = self.m2 + other.m2 + delta * delta * self.count * frac_other
+        return Moments(count=count, mean=mean, m2=m2)
+
+
+def masked_moments(x: Array, where: Optional[Array] = None, *, axis_name: Optional[str] = None) -> Moments:
+    """:class:`Moments` of the elements of ``x`` that ``where`` selects, across devices.
+
+    Two passes within the batch, as :func:`masked_var`: the (global) mean
+    first, then the squared deviations about it, which is more accurate in f32
+    than sum-of-squares minus square-of-sum.
+
+    Args:
+      x: values, any shape.
+      where: mask broadcasting against ``x``; all elements when None.
+      axis_name: the ``pmap`` axis; the moments are then over all devices.
+
+    Returns:
+      Moments with f32 scalar fields.
+    """
+    mean, n = masked_mean(x, where, axis_name=axis_name)
+    sq = jnp.square(jnp.asarray(x, jnp.float32) - mean)
+    m2 = masked_sum(sq, where, axis_name=axis_name)
+    return Moments(count=n, mean=mean, m2=m2)
+
+
 def masked_var(
     x: Array, where: Optional[Array] = None, *, ddof: int = 1, axis_name: Optional[str] = None
 ) -> tuple[Array, Array]:
@@ -99,10 +191,8 @@ def masked_var(
     Two passes (mean, then squared deviations) for accuracy. Where ``count <=
     ddof`` torch returns NaN; here the value is 0 and callers test the count.
     """
-    mean, n = masked_mean(x, where, axis_name=axis_name)
-    sq = jnp.square(jnp.asarray(x, jnp.float32) - mean)
-    ss = masked_sum(sq, where, axis_name=axis_name)
-    return ss / jnp.maximum(n - ddof, 1.0), n
+    moments = masked_moments(x, where, axis_name=axis_name)
+    return moments.variance(ddof), moments.count
 
 
 # ---------------------------------------------------------------------------
@@ -119,7 +209,9 @@ def weighted_smoothed_cross_entropy(
     is ``sum_i [(1-e) w[y_i] (-log p_i[y_i]) + e/K sum_c w[c] (-log p_i[c])]
     / sum_i w[y_i]``: the smoothing term is weighted by every class weight but
     the normaliser only by the target's. This returns the bracket and
-    ``w[y_i]`` per row; the caller divides their (masked) sums.
+    ``w[y_i]`` per row; the caller divides their (masked) sums. (The regime
+    loss uses the equivalent per-class form,
+    :func:`smoothed_cross_entropy_from_class_sums`, which merges across batches.)
 
     Args:
       logits: [B, K] logits.
@@ -223,7 +315,14 @@ def sigmoid_focal_loss(logits: Array, labels: Array, alpha: float, gamma: float)
 
 
 # ---------------------------------------------------------------------------
-# Task losses.
+# Task losses as sufficient statistics.
+#
+# Each task is split in two: ``_<task>_statistics`` reduces one batch to named
+# sums, counts and Moments (everything that depends on the rows), and
+# ``_finalize_<task>`` turns those into the loss with the original's floors,
+# penalties, NaN replacements and fallbacks. The key set of a task's statistics
+# records which static branch it took (targets present or None, M >= 2), so the
+# finalizer needs nothing else but the LossConfig.
 # ---------------------------------------------------------------------------
 
 
@@ -253,16 +352,66 @@ def regime_labels(phase_index: Array, n_classes: int, phase_to_coarse) -> Array:
     return jnp.clip(phase, 0, n_classes - 1)
 
 
-def _regime_loss(logits_seq, targets, row, config, axis_name):
+def _ratio(total, count):
+    """``total / max(count, 1)``: :func:`masked_mean`'s division, 0 for an empty selection."""
+    return total / jnp.maximum(count, 1.0)
+
+
+def _sum_and_count(x: Array, where: Array, axis_name: Optional[str]) -> tuple[Array, Array]:
+    return masked_sum(x, where, axis_name=axis_name), masked_count(x, where, axis_name=axis_name)
+
+
+def _class_sums(x: Array, where: Array, axis_name: Optional[str]) -> Array:
+    """Per-class sums ``[K]`` of ``x [B, K]`` over the rows/entries ``where`` selects."""
+    x = jnp.where(jnp.broadcast_to(where, x.shape), x, 0.0)
+    return _psum(jnp.sum(x.reshape(-1, x.shape[-1]), axis=0), axis_name)
+
+
+def regime_class_weights(class_count: Array) -> Array:
+    """The original's batch class weights: ``1/max(count, 1)`` normalised to sum to K."""
+    k = class_count.shape[-1]
+    weights = 1.0 / jnp.maximum(class_count, 1.0)
+    return weights / jnp.sum(weights) * k
+
+
+def smoothed_cross_entropy_from_class_sums(
+    label_nll: Array, all_nll: Array, class_count: Array, class_weights: Array, label_smoothing: float
+) -> Array:
+    """:func:`weighted_smoothed_cross_entropy`'s batch mean from per-class sums.
+
+    ``sum_i numerator_i = sum_c w[c] ((1-e) S1[c] + (e/K) S2[c])`` and
+    ``sum_i w[y_i] = sum_c w[c] count[c]``, so the cross-entropy of a set of
+    rows needs only three additive per-class vectors, whatever the weights.
+
+    Args:
+      label_nll: S1 [K], sum of ``-log p_i[c]`` over the rows labelled c.
+      all_nll: S2 [K], sum of ``-log p_i[c]`` over all rows.
+      class_count: [K], rows per label.
+      class_weights: [K].
+      label_smoothing: e.
+
+    Returns:
+      The weighted, smoothed cross-entropy (0 when there are no rows).
+    """
+    k = class_count.shape[-1]
+    numerator = jnp.sum(class_weights * ((1.0 - label_smoothing) * label_nll + (label_smoothing / k) * all_nll))
+    denominator = jnp.sum(class_weights * class_count)
+    return numerator / jnp.where(denominator > 0, denominator, 1.0)
+
+
+def _regime_statistics(o, targets, row, config, axis_name):
+    logits_seq = o["regime_logits"]
     b, m, k = logits_seq.shape
     last = logits_seq[:, -1, :]
-    last_fallback, _ = masked_mean(jnp.square(last), row[:, None], axis_name=axis_name)
-    last_fallback = 1e-6 * last_fallback
-    log_k = math.log(k)
+
+    def fallback_statistics():
+        # The tiny fallback: 1e-6 * mean square of the last logits over real rows.
+        total, count = _sum_and_count(jnp.square(last), row[:, None], axis_name)
+        return {"last_sq_sum": total, "last_sq_count": count}
 
     if targets.phase_index is None or targets.phase_valid is None:
         if m < 2:
-            return last_fallback, jnp.float32(0.0)
+            return fallback_statistics()
         # No regime targets at all: the original's symmetric-KL temporal consistency.
         logp_t = jax.nn.log_softmax(logits_seq[:, 1:], axis=-1)
         logp_prev = jax.nn.log_softmax(logits_seq[:, :-1], axis=-1)
@@ -270,32 +419,53 @@ def _regime_loss(logits_seq, targets, row, config, axis_name):
         # kl_div(input=log q, target=p) = sum p (log p - log q); xlogy makes p=0 terms 0.
         kl_fwd_row = jnp.sum(jax.scipy.special.xlogy(p_t, p_t) - p_t * logp_prev, axis=(1, 2))
         kl_bwd_row = jnp.sum(jax.scipy.special.xlogy(p_prev, p_prev) - p_prev * logp_t, axis=(1, 2))
-        # reduction='batchmean' divides the total by the number of rows.
-        kl_fwd, _ = masked_mean(kl_fwd_row, row, axis_name=axis_name)
-        kl_bwd, _ = masked_mean(kl_bwd_row, row, axis_name=axis_name)
-        ent = -jnp.sum(p_t * jnp.log(jnp.maximum(p_t, 1e-8)), axis=-1)  # [B, M-1]
-        mean_ent, _ = masked_mean(ent, row[:, None], axis_name=axis_name)
-        loss = 0.1 * (kl_fwd + kl_bwd) / 2 + 0.1 * jnp.abs(0.5 * log_k - mean_ent)
-        return loss, jnp.float32(0.0)
+        # Per-class terms of the month entropies, kept per class so the finalizer knows K.
+        neg_plogp = -p_t * jnp.log(jnp.maximum(p_t, 1e-8))  # [B, M-1, K]
+        return {
+            "kl_fwd_sum": masked_sum(kl_fwd_row, row, axis_name=axis_name),
+            "kl_bwd_sum": masked_sum(kl_bwd_row, row, axis_name=axis_name),
+            "n_rows": masked_count(kl_fwd_row, row, axis_name=axis_name),
+            "month_entropy_sum": _class_sums(neg_plogp, row[:, None, None], axis_name),
+            "month_entropy_count": masked_count(neg_plogp[..., 0], row[:, None], axis_name=axis_name),
+        }
 
+    stats = fallback_statistics()  # used when no row is valid
     labels = regime_labels(targets.phase_index, k, config.phase_to_coarse)
     valid = row & targets.phase_valid.astype(bool)
-
-    one_hot = jax.nn.one_hot(labels, k, dtype=jnp.float32) * valid[:, None]
-    counts = _psum(jnp.sum(one_hot, axis=0), axis_name)
-    class_weights = 1.0 / jnp.maximum(counts, 1.0)
-    class_weights = class_weights / jnp.sum(class_weights) * k
+    is_label = (labels[:, None] == jnp.arange(k)[None, :]) & valid[:, None]  # [B, K]
 
     clamped = jnp.clip(last, -config.regime_logit_clamp, config.regime_logit_clamp)
-    numerator, w_y = weighted_smoothed_cross_entropy(clamped, labels, class_weights, config.label_smoothing)
-    num = masked_sum(numerator, valid, axis_name=axis_name)
-    den = masked_sum(w_y, valid, axis_name=axis_name)
-    ce = num / jnp.where(den > 0, den, 1.0)
-
+    neg_log_p = -jax.nn.log_softmax(clamped, axis=-1)
     probs = jax.nn.softmax(clamped, axis=-1)
-    mean_row_entropy, n_valid = masked_mean(entropy(probs), valid, axis_name=axis_name)
-    mean_probs = _psum(jnp.sum(jnp.where(valid[:, None], probs, 0.0), axis=0), axis_name) / jnp.maximum(n_valid, 1.0)
-    batch_diversity = entropy(mean_probs)
+    stats.update(
+        class_count=_psum(jnp.sum(is_label.astype(jnp.float32), axis=0), axis_name),
+        label_nll_sum=_class_sums(neg_log_p, is_label, axis_name),
+        all_nll_sum=_class_sums(neg_log_p, valid[:, None], axis_name),
+        probs_sum=_class_sums(probs, valid[:, None], axis_name),
+    )
+    stats["entropy_sum"], stats["n_valid"] = _sum_and_count(entropy(probs), valid, axis_name)
+    return stats
+
+
+def _finalize_regime(s, config):
+    if "kl_fwd_sum" in s:
+        log_k = math.log(s["month_entropy_sum"].shape[-1])
+        kl_fwd = _ratio(s["kl_fwd_sum"], s["n_rows"])  # reduction='batchmean': divide by rows
+        kl_bwd = _ratio(s["kl_bwd_sum"], s["n_rows"])
+        mean_ent = _ratio(jnp.sum(s["month_entropy_sum"]), s["month_entropy_count"])
+        return 0.1 * (kl_fwd + kl_bwd) / 2 + 0.1 * jnp.abs(0.5 * log_k - mean_ent), jnp.float32(0.0)
+    fallback = 1e-6 * _ratio(s["last_sq_sum"], s["last_sq_count"])
+    if "class_count" not in s:
+        return fallback, jnp.float32(0.0)
+
+    log_k = math.log(s["class_count"].shape[-1])
+    n_valid = s["n_valid"]
+    class_weights = regime_class_weights(s["class_count"])
+    ce = smoothed_cross_entropy_from_class_sums(
+        s["label_nll_sum"], s["all_nll_sum"], s["class_count"], class_weights, config.label_smoothing
+    )
+    mean_row_entropy = _ratio(s["entropy_sum"], n_valid)
+    batch_diversity = entropy(s["probs_sum"] / jnp.maximum(n_valid, 1.0))
     entropy_penalty = jax.nn.relu(0.5 * log_k - mean_row_entropy)
     diversity_penalty = jax.nn.relu(0.7 * log_k - batch_diversity)
 
@@ -303,14 +473,15 @@ def _regime_loss(logits_seq, targets, row, config, axis_name):
     floored = jnp.maximum(ce, config.regime_loss_floor)
     floored = jnp.where(jnp.isnan(floored), 0.0, floored)
     loss = floored + config.regime_entropy_weight * entropy_penalty + config.regime_diversity_weight * diversity_penalty
-    return jnp.where(n_valid > 0, loss, last_fallback), n_valid
+    return jnp.where(n_valid > 0, loss, fallback), n_valid
 
 
-def _transition_loss(score_last, targets, row, config, axis_name):
-    fallback, _ = masked_mean(jnp.square(score_last), row, axis_name=axis_name)
-    fallback = 1e-6 * fallback
+def _transition_statistics(o, targets, row, config, axis_name):
+    score_last = o["anomaly_score"][:, -1, 0]
+    stats = {}
+    stats["score_sq_sum"], stats["n_rows"] = _sum_and_count(jnp.square(score_last), row, axis_name)
     if targets.is_transition is None or targets.phase_valid is None:
-        return fallback, jnp.float32(0.0)
+        return stats
     valid = row & targets.phase_valid.astype(bool)
     logits = jnp.clip(score_last, -50.0, 50.0)
     labels = targets.is_transition.astype(jnp.float32)
@@ -318,79 +489,78 @@ def _transition_loss(score_last, targets, row, config, axis_name):
         per_row = sigmoid_focal_loss(logits, labels, config.focal_alpha, config.focal_gamma)
     else:
         per_row = optax.losses.sigmoid_binary_cross_entropy(logits, labels)
-    loss, n_valid = masked_mean(per_row, valid, axis_name=axis_name)
+    stats["loss_sum"], stats["n_valid"] = _sum_and_count(per_row, valid, axis_name)
+    return stats
+
+
+def _finalize_transition(s, config):
+    fallback = 1e-6 * _ratio(s["score_sq_sum"], s["n_rows"])
+    if "loss_sum" not in s:
+        return fallback, jnp.float32(0.0)
+    n_valid = s["n_valid"]
+    loss = _ratio(s["loss_sum"], n_valid)
     loss = jnp.where(jnp.isnan(loss), 0.0, loss)
     return jnp.where(n_valid > 0, loss, fallback), n_valid
 
 
-def _casualty_loss(pred_last, var_last, targets, row, config, axis_name):
-    pi_reg, _ = masked_mean(jnp.square(jax.nn.sigmoid(pred_last[:, 0]) - 0.5), row, axis_name=axis_name)
-    log_mu_reg, _ = masked_mean(jnp.square(pred_last[:, 1]), row, axis_name=axis_name)
-    log_mu_reg = 0.01 * log_mu_reg
+def _casualty_statistics(o, targets, row, config, axis_name):
+    pred_last, var_last = o["casualty_pred"][:, -1, :], o["casualty_var"][:, -1, :]
+    stats = {
+        "pi_reg_sum": masked_sum(jnp.square(jax.nn.sigmoid(pred_last[:, 0]) - 0.5), row, axis_name=axis_name),
+        "log_mu_sq_sum": masked_sum(jnp.square(pred_last[:, 1]), row, axis_name=axis_name),
+        "n_rows": masked_count(pred_last[:, 0], row, axis_name=axis_name),
+    }
     if targets.fatalities is None or targets.casualty_valid is None:
-        return 0.01 * (pi_reg + log_mu_reg), jnp.float32(0.0)
-    theta_reg, _ = masked_mean(jnp.square(jax.nn.softplus(var_last[:, 0]) - 1.0), row, axis_name=axis_name)
-    fallback = 0.01 * (pi_reg + log_mu_reg + theta_reg)
-
+        return stats
+    stats["theta_reg_sum"] = masked_sum(jnp.square(jax.nn.softplus(var_last[:, 0]) - 1.0), row, axis_name=axis_name)
     valid = row & targets.casualty_valid.astype(bool)
     # Monthly fatalities are O(1e3-1e4); the original scores them /1000.
     y = targets.fatalities.astype(jnp.float32) / config.casualty_target_scale
     y = jnp.where(valid, y, 1.0)  # keep lgamma of padding/invalid rows finite
     pi, mu, theta = zinb_parameters(pred_last, var_last)
-    loss, n_valid = masked_mean(zinb_nll(y, pi, mu, theta), valid, axis_name=axis_name)
-    return jnp.where(n_valid > 0, loss, fallback), n_valid
+    stats["nll_sum"], stats["n_valid"] = _sum_and_count(zinb_nll(y, pi, mu, theta), valid, axis_name)
+    return stats
 
 
-def _anomaly_loss(score_last, targets, row, axis_name):
-    sq_mean, _ = masked_mean(jnp.square(score_last), row, axis_name=axis_name)
+def _finalize_casualty(s, config):
+    pi_reg = _ratio(s["pi_reg_sum"], s["n_rows"])
+    log_mu_reg = 0.01 * _ratio(s["log_mu_sq_sum"], s["n_rows"])
+    if "nll_sum" not in s:
+        return 0.01 * (pi_reg + log_mu_reg), jnp.float32(0.0)
+    theta_reg = _ratio(s["theta_reg_sum"], s["n_rows"])
+    fallback = 0.01 * (pi_reg + log_mu_reg + theta_reg)
+    n_valid = s["n_valid"]
+    return jnp.where(n_valid > 0, _ratio(s["nll_sum"], n_valid), fallback), n_valid
+
+
+def _anomaly_statistics(o, targets, row, config, axis_name):
+    score_last = o["anomaly_score"][:, -1, 0]
+    stats = {}
+    stats["score_sq_sum"], stats["n_rows"] = _sum_and_count(jnp.square(score_last), row, axis_name)
     if targets.anomaly is None or targets.anomaly_valid is None:
-        return 0.01 * sq_mean, jnp.float32(0.0)
+        return stats
     valid = row & targets.anomaly_valid.astype(bool)
     pred = jnp.clip(score_last, -10.0, 10.0)
     target = jnp.where(valid, targets.anomaly.astype(jnp.float32), 0.0)
-    mse, n_valid = masked_mean(jnp.square(pred - target), valid, axis_name=axis_name)
+    stats["sq_err_sum"], stats["n_valid"] = _sum_and_count(jnp.square(pred - target), valid, axis_name)
+    stats["pred"] = masked_moments(pred, valid, axis_name=axis_name)
+    stats["target"] = masked_moments(target, valid, axis_name=axis_name)
+    return stats
+
+
+def _finalize_anomaly(s, config):
+    sq_mean = _ratio(s["score_sq_sum"], s["n_rows"])
+    if "sq_err_sum" not in s:
+        return 0.01 * sq_mean, jnp.float32(0.0)
+    n_valid = s["n_valid"]
+    mse = _ratio(s["sq_err_sum"], n_valid)
     mse = jnp.where(jnp.isnan(mse), 0.0, mse)
-    var_pred, _ = masked_var(pred, valid, axis_name=axis_name)
-    var_target, _ = masked_var(target, valid, axis_name=axis_name)
+    var_pred, var_target = s["pred"].variance(), s["target"].variance()
     # torch.var of one element is NaN and `NaN > 1e-6` is False: no penalty.
     use_penalty = (n_valid >= 2) & (var_target > 1e-6)
     penalty = jnp.where(use_penalty, jax.nn.relu(0.5 - var_pred / (var_target + 1e-6)), 0.0)
     loss = mse + 0.1 * penalty
     return jnp.where(n_valid > 0, loss, 1e-6 * sq_mean), n_valid
-
-
-def _forecast_loss(pred, targets, row, axis_name):
-    b, m, f_pred = pred.shape
-    row3 = row[:, None, None]
-    sq_mean, _ = masked_mean(jnp.square(pred), row3, axis_name=axis_name)
-    tiny = 1e-6 * sq_mean
-    if targets.forecast_targets is None or targets.forecast_masks is None:
-        if m < 2:
-            return tiny, jnp.float32(0.0)
-        smooth, _ = masked_mean(jnp.square(pred[:, 1:] - pred[:, :-1]), row3, axis_name=axis_name)
-        var_t = _per_row_var_over_months(pred)
-        var_mean, _ = masked_mean(var_t, row[:, None], axis_name=axis_name)
-        return 0.01 * smooth + 0.1 * jax.nn.relu(0.5 - var_mean), jnp.float32(0.0)
-
-    k = min(f_pred, targets.forecast_targets.shape[-1])
-    p = pred[..., :k]
-    t = targets.forecast_targets[..., :k].astype(jnp.float32)
-    valid = targets.forecast_masks[..., :k].astype(bool) & row3
-    t = jnp.where(valid, t, 0.0)
-    mse, n_valid = masked_mean(jnp.square(p - t), valid, axis_name=axis_name)
-    var_pred, _ = masked_var(p, valid, axis_name=axis_name)
-    var_target, _ = masked_var(t, valid, axis_name=axis_name)
-    use_penalty = (n_valid >= 2) & (var_target > 1e-6)
-    variance_penalty = jnp.where(use_penalty, 0.5 * jax.nn.relu(0.3 - var_pred / (var_target + 1e-6)), 0.0)
-    if m >= 2:
-        smooth, _ = masked_mean(jnp.square(p[:, 1:] - p[:, :-1]), row3, axis_name=axis_name)
-        temporal_var, _ = masked_mean(_per_row_var_over_months(p), row[:, None], axis_name=axis_name)
-        temporal_penalty = 0.1 * jax.nn.relu(0.1 - temporal_var)
-        smooth = 0.01 * smooth
-    else:
-        smooth = temporal_penalty = jnp.float32(0.0)
-    total = jnp.maximum(mse + smooth + variance_penalty + temporal_penalty, 0.01)
-    return jnp.where(n_valid > 0, total, tiny), n_valid
 
 
 def _per_row_var_over_months(x: Array) -> Array:
@@ -399,17 +569,85 @@ def _per_row_var_over_months(x: Array) -> Array:
     return jnp.sum(jnp.square(x - mean), axis=1) / (x.shape[1] - 1)
 
 
-def _daily_forecast_loss(pred, targets, row, config, axis_name):
+def _temporal_statistics(x: Array, row: Array, axis_name: Optional[str]) -> dict:
+    """Month-to-month squared steps and per-row month variances of ``x [B, M, F]`` (M >= 2).
+
+    The month variance is a per-row quantity whose masked *mean* is taken, so
+    it travels as a sum and a count, not as Moments.
+    """
+    stats = {}
+    stats["smooth_sum"], stats["smooth_count"] = _sum_and_count(
+        jnp.square(x[:, 1:] - x[:, :-1]), row[:, None, None], axis_name
+    )
+    stats["month_var_sum"], stats["month_var_count"] = _sum_and_count(
+        _per_row_var_over_months(x), row[:, None], axis_name
+    )
+    return stats
+
+
+def _forecast_statistics(o, targets, row, config, axis_name):
+    pred = o["forecast_pred"]
+    b, m, f_pred = pred.shape
+    row3 = row[:, None, None]
+    stats = {}
+    stats["pred_sq_sum"], stats["pred_sq_count"] = _sum_and_count(jnp.square(pred), row3, axis_name)
+    if targets.forecast_targets is None or targets.forecast_masks is None:
+        if m >= 2:
+            stats.update(_temporal_statistics(pred, row, axis_name))
+        return stats
+
+    k = min(f_pred, targets.forecast_targets.shape[-1])
+    p = pred[..., :k]
+    t = targets.forecast_targets[..., :k].astype(jnp.float32)
+    valid = targets.forecast_masks[..., :k].astype(bool) & row3
+    t = jnp.where(valid, t, 0.0)
+    stats["sq_err_sum"], stats["n_valid"] = _sum_and_count(jnp.square(p - t), valid, axis_name)
+    stats["pred"] = masked_moments(p, valid, axis_name=axis_name)
+    stats["target"] = masked_moments(t, valid, axis_name=axis_name)
+    if m >= 2:
+        stats.update(_temporal_statistics(p, row, axis_name))
+    return stats
+
+
+def _finalize_forecast(s, config):
+    tiny = 1e-6 * _ratio(s["pred_sq_sum"], s["pred_sq_count"])
+    has_months = "smooth_sum" in s
+    if "sq_err_sum" not in s:
+        if not has_months:
+            return tiny, jnp.float32(0.0)
+        smooth = _ratio(s["smooth_sum"], s["smooth_count"])
+        var_mean = _ratio(s["month_var_sum"], s["month_var_count"])
+        return 0.01 * smooth + 0.1 * jax.nn.relu(0.5 - var_mean), jnp.float32(0.0)
+
+    n_valid = s["n_valid"]
+    mse = _ratio(s["sq_err_sum"], n_valid)
+    var_pred, var_target = s["pred"].variance(), s["target"].variance()
+    use_penalty = (n_valid >= 2) & (var_target > 1e-6)
+    variance_penalty = jnp.where(use_penalty, 0.5 * jax.nn.relu(0.3 - var_pred / (var_target + 1e-6)), 0.0)
+    if has_months:
+        smooth = 0.01 * _ratio(s["smooth_sum"], s["smooth_count"])
+        temporal_var = _ratio(s["month_var_sum"], s["month_var_count"])
+        temporal_penalty = 0.1 * jax.nn.relu(0.1 - temporal_var)
+    else:
+        smooth = temporal_penalty = jnp.float32(0.0)
+    total = jnp.maximum(mse + smooth + variance_penalty + temporal_penalty, 0.01)
+    return jnp.where(n_valid > 0, total, tiny), n_valid
+
+
+def _daily_forecast_statistics(o, targets, row, config, axis_name):
+    pred = o["daily_forecast_pred"]
     b, h, _ = pred.shape
     row3 = row[:, None, None]
-    sq_mean, _ = masked_mean(jnp.square(pred), row3, axis_name=axis_name)
+    stats = {}
+    stats["pred_sq_sum"], stats["pred_sq_count"] = _sum_and_count(jnp.square(pred), row3, axis_name)
     if config.daily_forecast_latent:
         if h > 1:
-            smooth, _ = masked_mean(jnp.square(pred[:, 1:] - pred[:, :-1]), row3, axis_name=axis_name)
-            return smooth + 0.01 * sq_mean, jnp.float32(0.0)
-        return 0.01 * sq_mean, jnp.float32(0.0)
+            stats["smooth_sum"], stats["smooth_count"] = _sum_and_count(
+                jnp.square(pred[:, 1:] - pred[:, :-1]), row3, axis_name
+            )
+        return stats
     if targets.daily_forecast_targets is None:
-        return 1e-6 * sq_mean, jnp.float32(0.0)
+        return stats
     t = targets.daily_forecast_targets.astype(jnp.float32)
     valid = t > -900.0
     if targets.daily_forecast_masks is not None:
@@ -417,8 +655,38 @@ def _daily_forecast_loss(pred, targets, row, config, axis_name):
     valid = valid & row3
     k = min(pred.shape[-1], t.shape[-1])
     valid = valid[..., :k]
-    mse, n_valid = masked_mean(jnp.square(pred[..., :k] - jnp.where(valid, t[..., :k], 0.0)), valid, axis_name=axis_name)
-    return jnp.where(n_valid > 0, mse, 1e-6 * sq_mean), n_valid
+    stats["sq_err_sum"], stats["n_valid"] = _sum_and_count(
+        jnp.square(pred[..., :k] - jnp.where(valid, t[..., :k], 0.0)), valid, axis_name
+    )
+    return stats
+
+
+def _finalize_daily_forecast(s, config):
+    sq_mean = _ratio(s["pred_sq_sum"], s["pred_sq_count"])
+    if config.daily_forecast_latent:
+        if "smooth_sum" in s:
+            return _ratio(s["smooth_sum"], s["smooth_count"]) + 0.01 * sq_mean, jnp.float32(0.0)
+        return 0.01 * sq_mean, jnp.float32(0.0)
+    if "sq_err_sum" not in s:
+        return 1e-6 * sq_mean, jnp.float32(0.0)
+    n_valid = s["n_valid"]
+    return jnp.where(n_valid > 0, _ratio(s["sq_err_sum"], n_valid), 1e-6 * sq_mean), n_valid
+
+
+# task -> (the outputs it scores, batch -> statistics, statistics -> (loss, n_valid)).
+_TASKS = {
+    "regime": (("regime_logits",), _regime_statistics, _finalize_regime),
+    "transition": (("anomaly_score",), _transition_statistics, _finalize_transition),
+    "casualty": (("casualty_pred", "casualty_var"), _casualty_statistics, _finalize_casualty),
+    "anomaly": (("anomaly_score",), _anomaly_statistics, _finalize_anomaly),
+    "forecast": (("forecast_pred",), _forecast_statistics, _finalize_forecast),
+    "daily_forecast": (("daily_forecast_pred",), _daily_forecast_statistics, _finalize_daily_forecast),
+}
+
+
+def _scored_tasks(out: Mapping[str, Array]) -> list[str]:
+    """The tasks a batch is scored on: all but daily_forecast, which needs its head."""
+    return [name for name in _TASKS if name != "daily_forecast" or "daily_forecast_pred" in out]
 
 
 # ---------------------------------------------------------------------------
@@ -485,6 +753,108 @@ def sanitize_outputs(outputs: Mapping[str, Array], row: Array, axis_name: Option
     return clean, nan_in_outputs
 
 
+def _prepare(outputs: Mapping[str, Array], targets: Targets, axis_name: Optional[str]):
+    row = targets.sample_mask.astype(bool)
+    out, nan_in_outputs = sanitize_outputs(outputs, row, axis_name)
+    chex.assert_rank(out["regime_logits"], 3)
+    chex.assert_shape(row, (out["regime_logits"].shape[0],))
+    return out, row, nan_in_outputs
+
+
+def loss_statistics(
+    outputs: Mapping[str, Array],
+    targets: Targets,
+    config: LossConfig = LossConfig(),
+    *,
+    axis_name: Optional[str] = None,
+) -> dict:
+    """Sufficient statistics of one batch for every task loss.
+
+    Statistics of disjoint sets of rows merge exactly with
+    :func:`combine_statistics`, and :func:`finalize_losses` of the merged
+    statistics gives the losses of one batch holding all those rows. So a split
+    scored batch by batch (any batch size, any padding, any device count) gets
+    the numbers of a single batch, even though the losses themselves use batch
+    statistics (class counts, variances, mean probabilities, fallbacks).
+
+    Per task, a dict of f32 arrays that add across batches (sums and counts,
+    per-class ``[K]`` vectors) and :class:`Moments` (``"pred"``, ``"target"``).
+    The keys also record the task's static branch (e.g. targets ``None``), so
+    statistics are only combined with statistics of the same branch and shapes.
+
+    Args:
+      outputs: the model's output dict, as for :func:`compute_losses`.
+      targets: the batch's :class:`~han_jax.batch.Targets`.
+      config: loss options; :func:`finalize_losses` must get the same.
+      axis_name: the ``pmap`` axis: statistics are then over all devices
+        (every device returns the same).
+
+    Returns:
+      ``{task: {statistic name: array or Moments}}``.
+    """
+    out, row, _ = _prepare(outputs, targets, axis_name)
+    return {
+        name: _TASKS[name][1]({k: out[k] for k in _TASKS[name][0]}, targets, row, config, axis_name)
+        for name in _scored_tasks(out)
+    }
+
+
+def combine_statistics(a: dict, b: dict) -> dict:
+    """Statistics of the union of two disjoint sets of rows.
+
+    Arrays add; :class:`Moments` merge with Chan et al.'s parallel formula.
+    Works on jax arrays and on numpy arrays, keeping numpy's dtype (accumulate
+    a split on the host in float64, see :func:`statistics_to_host`).
+
+    Args:
+      a, b: outputs of :func:`loss_statistics` (or of this function) with the
+        same structure.
+
+    Returns:
+      The merged statistics, same structure.
+    """
+    def merge(x, y):
+        return x.merge(y) if isinstance(x, Moments) else x + y
+
+    return jax.tree_util.tree_map(merge, a, b, is_leaf=lambda x: isinstance(x, Moments))
+
+
+def statistics_to_host(stats: dict) -> dict:
+    """Fetches statistics to the host as numpy float64, to accumulate with :func:`combine_statistics`.
+
+    Per-batch sums are f32 on the device; summing thousands of them in f32
+    would lose digits, so the running totals of a split are kept in float64.
+    """
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.device_get(stats))
+
+
+def finalize_losses(stats: dict, config: LossConfig = LossConfig()) -> tuple[dict, dict]:
+    """Task losses from (merged) statistics, with the original's floors, penalties and fallbacks.
+
+    Accepts jax or numpy statistics (the host path passes float64 numpy); the
+    arithmetic is ``jax.numpy``, so the losses come back as f32 jax arrays.
+
+    Args:
+      stats: :func:`loss_statistics` of one batch, or several merged by
+        :func:`combine_statistics`.
+      config: the loss options the statistics were computed with.
+
+    Returns:
+      (``{task: f32 loss}``, ``{task: number of valid rows/positions}``, 0
+      where the task had no targets or fell back), as
+      :func:`compute_losses_with_diagnostics`.
+    """
+    # Host statistics (numpy float64) become jax arrays here, so the finalisation runs
+    # the same f32 arithmetic as compute_losses (the accumulation was the part that
+    # needed float64).
+    stats = jax.tree_util.tree_map(jnp.asarray, stats)
+    losses, n_valid = {}, {}
+    for name, task_stats in stats.items():
+        loss, count = _TASKS[name][2](task_stats, config)
+        losses[name], n_valid[name] = jnp.asarray(loss, jnp.float32), jnp.asarray(count, jnp.float32)
+    return losses, n_valid
+
+
 def compute_losses_with_diagnostics(
     outputs: Mapping[str, Array],
     targets: Targets,
@@ -493,29 +863,17 @@ def compute_losses_with_diagnostics(
     axis_name: Optional[str] = None,
 ) -> tuple[dict, LossDiagnostics]:
     """:func:`compute_losses` plus what it saw (NaN flag, valid counts per task)."""
-    row = targets.sample_mask.astype(bool)
-    out, nan_in_outputs = sanitize_outputs(outputs, row, axis_name)
-    regime_logits = out["regime_logits"]
-    chex.assert_rank(regime_logits, 3)
-    chex.assert_shape(row, (regime_logits.shape[0],))
-
-    def task(name, fn, keys):
-        # Each task sees only the outputs it scores, behind the finite-gradient gate.
-        loss, count = finite_or_zero_grad(fn)({k: out[k] for k in keys})
-        losses[name], n_valid[name] = loss, count
-
+    out, row, nan_in_outputs = _prepare(outputs, targets, axis_name)
     losses, n_valid = {}, {}
-    task("regime", lambda o: _regime_loss(o["regime_logits"], targets, row, config, axis_name), ["regime_logits"])
-    task("transition", lambda o: _transition_loss(o["anomaly_score"][:, -1, 0], targets, row, config, axis_name),
-         ["anomaly_score"])
-    task("casualty", lambda o: _casualty_loss(o["casualty_pred"][:, -1, :], o["casualty_var"][:, -1, :], targets,
-                                              row, config, axis_name), ["casualty_pred", "casualty_var"])
-    task("anomaly", lambda o: _anomaly_loss(o["anomaly_score"][:, -1, 0], targets, row, axis_name), ["anomaly_score"])
-    task("forecast", lambda o: _forecast_loss(o["forecast_pred"], targets, row, axis_name), ["forecast_pred"])
-    if "daily_forecast_pred" in out:
-        task("daily_forecast", lambda o: _daily_forecast_loss(o["daily_forecast_pred"], targets, row, config, axis_name),
-             ["daily_forecast_pred"])
-    losses = {k: v.astype(jnp.float32) for k, v in losses.items()}
+    for name in _scored_tasks(out):
+        keys, statistics, finalize = _TASKS[name]
+
+        def task_loss(o, statistics=statistics, finalize=finalize):
+            return finalize(statistics(o, targets, row, config, axis_name), config)
+
+        # Each task sees only the outputs it scores, behind the finite-gradient gate.
+        loss, count = finite_or_zero_grad(task_loss)({k: out[k] for k in keys})
+        losses[name], n_valid[name] = loss.astype(jnp.float32), count
     return losses, LossDiagnostics(nan_in_outputs=nan_in_outputs, n_valid=n_valid)
 
 
@@ -532,6 +890,10 @@ def compute_losses(
     task has the original's three cases: valid targets, no valid rows in the
     batch (a tiny regulariser tied to the outputs, chosen with ``jnp.where``)
     and no targets at all (the field is ``None``; chosen at trace time).
+
+    Computed as ``finalize_losses(loss_statistics(batch))`` task by task, so
+    the losses of a whole split scored in pieces (see :func:`loss_statistics`)
+    are those of this function on the split as one batch.
 
     Args:
       outputs: the model's output dict (``regime_logits [B,M,K]``,

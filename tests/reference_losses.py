@@ -36,7 +36,8 @@ def torch_cross_entropy(logits, labels, weight, label_smoothing):
     k = logits.shape[-1]
     nlp = -_log_softmax(logits)
     rows = np.arange(len(labels))
-    num = (1 - label_smoothing) * weight[labels] * nlp[rows, labels] + label_smoothing / k * (nlp * weight[None]).sum(-1)
+    num = ((1 - label_smoothing) * weight[labels] * nlp[rows, labels]
+           + label_smoothing / k * (nlp * weight[None]).sum(-1))
     return num.sum() / weight[labels].sum()
 
 
@@ -75,8 +76,8 @@ def bce_with_logits(x, y):
 def reference_losses(outputs, targets, daily_forecast_latent=True):
     """outputs/targets: dicts of numpy arrays (targets may hold None)."""
     keep = np.asarray(targets["sample_mask"], bool)
-    o = {k: np.nan_to_num(np.asarray(v, np.float64)[keep], nan=0.0) if np.isnan(v).any() else np.asarray(v, np.float64)[keep]
-         for k, v in outputs.items()}
+    o = {k: np.asarray(v, np.float64)[keep] for k, v in outputs.items()}
+    o = {k: np.nan_to_num(v, nan=0.0) if np.isnan(outputs[k]).any() else v for k, v in o.items()}
     t = {k: (None if v is None else np.asarray(v)[keep]) for k, v in targets.items()}
     losses = {}
 
@@ -119,7 +120,8 @@ def reference_losses(outputs, targets, daily_forecast_latent=True):
     s = o["anomaly_score"][:, -1, 0]
     if t["is_transition"] is not None and t["phase_valid"] is not None and t["phase_valid"].any():
         v = t["phase_valid"].astype(bool)
-        losses["transition"] = np.nan_to_num(bce_with_logits(np.clip(s[v], -50, 50), t["is_transition"][v].astype(float)))
+        labels = t["is_transition"][v].astype(float)
+        losses["transition"] = np.nan_to_num(bce_with_logits(np.clip(s[v], -50, 50), labels))
     else:
         losses["transition"] = (s**2).mean() * 1e-6
 
@@ -160,7 +162,9 @@ def reference_losses(outputs, targets, daily_forecast_latent=True):
     m = fp.shape[1]
     if t["forecast_targets"] is not None:
         kk = min(fp.shape[-1], t["forecast_targets"].shape[-1])
-        p, y, v = fp[..., :kk], t["forecast_targets"][..., :kk].astype(np.float64), t["forecast_masks"][..., :kk].astype(bool)
+        p = fp[..., :kk]
+        y = t["forecast_targets"][..., :kk].astype(np.float64)
+        v = t["forecast_masks"][..., :kk].astype(bool)
         if v.any():
             pv, yv = p[v], y[v]
             mse = ((pv - yv) ** 2).mean()

@@ -63,7 +63,7 @@ def test_excluded_tasks_contribute_nothing_and_keep_gradients_finite(bad):
     assert not bool(info.included["casualty"])
     assert float(info.contribution["casualty"]) == 0.0
     np.testing.assert_allclose(float(info.simple_total), np.mean([float(v) for v in ref_losses.values()]), rtol=1e-6)
-    g_loss, g_lv = jax.grad(lambda l, v: aggregate(l, v)[0], argnums=(0, 1))(losses, log_vars)
+    g_loss, g_lv = jax.grad(lambda ls, v: aggregate(ls, v)[0], argnums=(0, 1))(losses, log_vars)
     for tree in (g_loss, g_lv):
         for k, g in tree.items():
             assert np.isfinite(float(g)), k
@@ -76,7 +76,7 @@ def test_huge_loss_is_capped_at_1e6():
     total, info = aggregate(_losses(casualty=5e7), log_vars)
     capped, _ = aggregate(_losses(casualty=1e6), log_vars)
     np.testing.assert_allclose(float(total), float(capped), rtol=1e-6)
-    g = jax.grad(lambda l: aggregate(l, log_vars)[0])(_losses(casualty=5e7))
+    g = jax.grad(lambda ls: aggregate(ls, log_vars)[0])(_losses(casualty=5e7))
     assert float(g["casualty"]) == 0.0
     assert bool(info.included["casualty"])
 
@@ -128,7 +128,8 @@ class VariantsTest(chex.TestCase):
 
 # --- properties over arbitrary inputs (hypothesis) -------------------------
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 _loss_values = st.one_of(
     st.floats(min_value=2.0**-20, max_value=2.0**27, allow_nan=False, width=32),
@@ -149,5 +150,5 @@ def test_property_matches_reference_and_gradients_stay_finite(losses, lvs):
     for t in TASK_NAMES:
         ok = np.isfinite(float(loss_tree[t])) and float(loss_tree[t]) != 0
         assert bool(info.included[t]) == ok
-    g_loss, g_lv = jax.grad(lambda l, v: aggregate(l, v)[0], argnums=(0, 1))(loss_tree, lv_tree)
+    g_loss, g_lv = jax.grad(lambda ls, v: aggregate(ls, v)[0], argnums=(0, 1))(loss_tree, lv_tree)
     assert all(np.isfinite(float(g)) for g in jax.tree_util.tree_leaves((g_loss, g_lv)))

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 from han_jax.batch import Targets
 from han_jax.config import LossConfig
@@ -199,7 +198,8 @@ def test_feature_mode_daily_forecast_and_focal_option():
     rng = np.random.default_rng(9)
     outputs = make_outputs(rng, h=4, d=5)
     t = make_targets(rng)
-    t["daily_forecast_targets"] = np.where(rng.random((8, 4, 5)) < 0.2, -999.0, rng.normal(size=(8, 4, 5))).astype(np.float32)
+    daily = np.where(rng.random((8, 4, 5)) < 0.2, -999.0, rng.normal(size=(8, 4, 5)))
+    t["daily_forecast_targets"] = daily.astype(np.float32)
     t["daily_forecast_masks"] = rng.random((8, 4, 5)) < 0.8
     assert_matches_reference(outputs, t, config=LossConfig(daily_forecast_latent=False))
     focal = compute_losses(outputs, to_targets(t), LossConfig(transition_focal=True))["transition"]
