@@ -218,12 +218,11 @@ def compile_aot(fn, *args):
 
 
 def step_config(model_kw: dict, policy: str, quick: bool):
-    from han_jax.config import ModelConfig
+    from han_jax.config import Config, ModelConfig, StepConfig
     from han_jax.precision import Policy
-    from han_jax.steps import StepConfig
 
     model = ModelConfig.small(d_model=16, nhead=2, **model_kw) if quick else ModelConfig(**model_kw)
-    return StepConfig(model=model, policy=Policy.from_string(policy))
+    return Config(model=model, step=StepConfig(policy=Policy.from_string(policy)))
 
 
 def synthetic_batch(model_config, b, t, m, seed=0):
@@ -231,7 +230,7 @@ def synthetic_batch(model_config, b, t, m, seed=0):
     import jax
     import jax.numpy as jnp
 
-    from tests.helpers import random_batch
+    from han_jax.testing import random_batch
 
     inputs, targets = random_batch(model_config, b=b, t=t, m=m, seed=seed, n_real=b)
     return jax.tree_util.tree_map(jnp.asarray, (inputs, targets))
@@ -248,7 +247,7 @@ def raw_losses_fn(config):
 
     def f(state, inputs, targets):
         outputs = model.apply({"params": state.params}, inputs, deterministic=True)
-        return compute_losses(outputs, targets, config.loss)
+        return compute_losses(outputs, targets, config.step.loss)
 
     return jax.jit(f)
 
@@ -260,7 +259,7 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
     from han_jax.steps import create_train_state, jit_steps, make_model
 
     inputs, targets = synthetic_batch(config.model, b, t, m)
-    res = {"batch": b, "days": t, "months": m, "policy": config.policy.name, "remat": config.model.remat}
+    res = {"batch": b, "days": t, "months": m, "policy": config.step.policy.name, "remat": config.model.remat}
     t0 = time.perf_counter()
     state = create_train_state(jax.random.PRNGKey(0), config, inputs)
     jax.block_until_ready(state)
@@ -284,7 +283,7 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
         if name == "train":
             holder = [state]
 
-            def call():
+            def call(compiled=compiled, holder=holder):
                 new_state, metrics = compiled(holder[0], inputs, targets)  # state is donated
                 jax.block_until_ready(metrics)
                 holder[0] = new_state
@@ -293,7 +292,7 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
             r.update(timed(call, runs))
             state = holder[0]
         else:
-            call = lambda: jax.block_until_ready(compiled(state, inputs, targets))  # noqa: E731
+            call = lambda compiled=compiled, state=state: jax.block_until_ready(compiled(state, inputs, targets))
             call()
             r.update(timed(call, runs))
         r["samples_per_s"] = b / r["median_s"]
@@ -334,12 +333,14 @@ def pmap_point(args, n_devices: int, model_kw: dict, policy: str, b: int, t: int
     assert jax.local_device_count() >= n_devices, (jax.local_device_count(), n_devices)
     config = step_config(model_kw, policy, args.quick)
     inputs, targets = synthetic_batch(config.model, b, t, m)
-    state = create_train_state(jax.random.PRNGKey(0), config, jax.tree_util.tree_map(lambda x: x[: b // n_devices], inputs))
+    per_device = jax.tree_util.tree_map(lambda x: x[: b // n_devices], inputs)
+    state = create_train_state(jax.random.PRNGKey(0), config, per_device)
     shard = lambda x: x.reshape((n_devices, x.shape[0] // n_devices) + x.shape[1:])  # noqa: E731
     inputs, targets = jax.tree_util.tree_map(shard, (inputs, targets))
     # Place the replicated state the way pmap returns it: a state broadcast on one
     # device makes the second call (which sees pmap-sharded outputs) compile again.
-    state = jax.pmap(lambda s: s)(jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n_devices,) + jnp.shape(x)), state))
+    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n_devices,) + jnp.shape(x)), state)
+    state = jax.pmap(lambda s: s)(stacked)
     steps = pmap_steps(config)
     fn = getattr(steps, step)
     holder = [state]

@@ -82,12 +82,12 @@ def main(argv=None):
     import jax
 
     from benchmarks.bench_steps import synthetic_batch
-    from han_jax.config import ModelConfig
+    from han_jax.config import Config, ModelConfig, StepConfig
     from han_jax.precision import Policy
-    from han_jax.steps import StepConfig, create_train_state, jit_steps
+    from han_jax.steps import create_train_state, jit_steps
 
     model = ModelConfig.small() if args.small else ModelConfig()
-    config = StepConfig(model=model, policy=Policy.from_string(args.policy))
+    config = Config(model=model, step=StepConfig(policy=Policy.from_string(args.policy)))
     inputs, targets = synthetic_batch(model, args.batch, args.days, args.months)
     state = create_train_state(jax.random.PRNGKey(0), config, inputs)
     fn = getattr(jit_steps(config), args.step)

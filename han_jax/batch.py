@@ -85,7 +85,3 @@ class Targets:
     daily_forecast_masks: Optional[Array] = None
     daily_obs_rate: Optional[Array] = None
     monthly_obs_rate: Optional[Array] = None
-
-
-def batch_size(targets: Targets) -> int:
-    return int(targets.sample_mask.shape[0])

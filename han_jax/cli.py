@@ -1,8 +1,8 @@
 """``han-jax train`` and ``han-jax audit``.
 
 Any configuration value can be overridden with ``--set section.field=value``
-(e.g. ``--set model.d_model=64 --set optim.learning_rate=3e-4``); the common
-ones also have their own flags.
+(e.g. ``--set model.d_model=64 --set step.optim.learning_rate=3e-4``); the
+common ones also have their own flags.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ import typing
 
 import numpy as np
 
-PRESETS = ("small", "tiny", "default")
+from han_jax.config import PRESETS
 
 
 def _coerce(value: str, annotation, current):
     """Parses a command-line string into the type of a config field."""
+    from han_jax.precision import Policy
+
     text = value.strip()
+    if isinstance(current, Policy) or annotation is Policy:
+        return Policy.from_string(text)
     if isinstance(current, bool) or annotation in (bool, "bool"):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -58,13 +62,15 @@ def apply_overrides(config, overrides):
 
 
 def _set_path(node, parts, value, full):
+    from han_jax.precision import Policy
+
     fields = {f.name: f for f in dataclasses.fields(node)}
     name = parts[0]
     if name not in fields:
         raise SystemExit(f"--set {full}: {type(node).__name__} has no field {name!r}; fields are {sorted(fields)}")
     current = getattr(node, name)
     if len(parts) > 1:
-        if not dataclasses.is_dataclass(current):
+        if not dataclasses.is_dataclass(current) or isinstance(current, Policy):
             raise SystemExit(f"--set {full}: {name!r} is not a section")
         return dataclasses.replace(node, **{name: _set_path(current, parts[1:], value, full)})
     try:
@@ -78,15 +84,15 @@ def _set_path(node, parts, value, full):
 
 
 def build_config(args):
-    from han_jax.train import Config, TrainConfig
+    from han_jax.config import DataConfig, get_config
+    from han_jax.precision import Policy
 
-    config = {"small": Config.small, "tiny": Config.tiny, "default": Config}[args.preset]()
+    config = get_config(args.preset)
     if getattr(args, "data", None) == "losses":
-        from han_jax.data import DataConfig
-
-        losses_dir = args.losses_dir or os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
+        shared = os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
+        losses_dir = args.losses_dir or shared
         d = config.data
-        config = dataclasses.replace(config, data=DataConfig.losses(
+        config = config.replace(data=DataConfig.losses(
             losses_dir, args.monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
     train_kw = {}
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("patience", "patience"),
@@ -94,14 +100,18 @@ def build_config(args):
         if getattr(args, flag, None) is not None:
             train_kw[field] = getattr(args, flag)
     if train_kw:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_kw))
+        config = config.replace(train=dataclasses.replace(config.train, **train_kw))
     if getattr(args, "policy", None):
-        config = dataclasses.replace(config, policy=args.policy)
+        try:
+            policy = Policy.from_string(args.policy)
+        except ValueError as e:
+            raise SystemExit(f"--policy: {e}") from None
+        config = config.replace(step=dataclasses.replace(config.step, policy=policy))
     return apply_overrides(config, args.set or [])
 
 
 def _common(p):
-    p.add_argument("--preset", choices=PRESETS, default="small",
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
                    help="small: the README's main job; tiny: tests; default: the original's full-size model and data")
     p.add_argument("--data", choices=("synthetic", "losses"), default="synthetic",
                    help="embedded synthetic world (default) or the real public loss data")
@@ -114,9 +124,7 @@ def _common(p):
 
 
 def cmd_train(args) -> int:
-    if args.devices and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        # On CPU, pmap needs host devices; XLA reads this flag once, before jax starts.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
+    _force_host_devices(args.devices)
     from han_jax.train import train
 
     config = build_config(args)
@@ -129,21 +137,22 @@ def cmd_audit(args) -> int:
     import jax
 
     from han_jax.data import iterate_batches
+    from han_jax.runs import prepare
     from han_jax.steps import create_train_state, jit_steps
-    from han_jax.train import prepare
 
     config = build_config(args)
-    datasets, scfg = prepare(config)
-    inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size, shuffle=True, seed=config.train.seed))
-    state = create_train_state(jax.random.PRNGKey(config.train.seed), scfg, inputs)
-    steps = jit_steps(scfg)
+    datasets, config = prepare(config)
+    inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size, shuffle=True,
+                                           seed=config.train.seed))
+    state = create_train_state(jax.random.PRNGKey(config.train.seed), config, inputs)
+    steps = jit_steps(config)
     _, train_m = steps.train_deterministic(state, inputs, targets)
-    eval_m = steps.eval(state, inputs, targets)
-    test_m, _ = steps.test(state, inputs, targets)
+    eval_m = steps.eval(state, inputs, targets).metrics
+    test_m = steps.test(state, inputs, targets).metrics
     rows = {"train": jax.device_get(train_m), "eval": jax.device_get(eval_m), "test": jax.device_get(test_m)}
 
     keys = [k for k in eval_m if np.ndim(eval_m[k]) == 0]
-    print(f"han-jax audit: one batch of {int(np.sum(targets.sample_mask))} rows, policy {scfg.policy.name}")
+    print(f"han-jax audit: one batch of {int(np.sum(targets.sample_mask))} rows, policy {config.step.policy.name}")
     print(f"{'metric':30s} {'train_step':>14s} {'eval_step':>14s} {'test_step':>14s}")
     mismatches = []
     for k in keys:
@@ -159,17 +168,37 @@ def cmd_audit(args) -> int:
     print(f"  weighted_total = data_term + uncertainty_term + reg_term = {e['data_term']:.6f} + "
           f"{e['uncertainty_term']:.6f} + {e['reg_term']:.6f} = {e['weighted_total']:.6f}")
     for t in tasks:
-        agg = scfg.aggregate
-        lv = float(np.clip(float(state.log_vars[t]), -agg.log_var_clip, agg.log_var_clip))
-        loss, w, inc = e[f"loss/{t}"], e[f"weight/{t}"], bool(e[f"included/{t}"])
-        contribution = (0.5 * w * min(loss, agg.max_task_loss) + 0.5 * lv) if inc else 0.0
-        print(f"    {t:15s} 0.5 x weight {w:.4f} x raw {loss:9.6f} + 0.5 x log_var {lv:+.4f} = {contribution:9.6f}"
-              + ("" if inc else "  (excluded)"))
+        # The aggregate's own numbers: weight = exp(-clipped log_var), and its contribution.
+        loss, w, inc, contribution = (e[f"{part}/{t}"] for part in ("loss", "weight", "included", "contribution"))
+        print(f"    {t:15s} 0.5 x weight {w:.4f} x raw {loss:9.6f} + 0.5 x log_var {-np.log(w):+.4f} "
+              f"= {contribution:9.6f}" + ("" if bool(inc) else "  (excluded)"))
     print(f"  simple_total   = mean of included raw losses = {e['simple_total']:.6f}")
     if mismatches or missing:
         print(f"\nAUDIT FAILED: the shared path disagrees on {mismatches}; key mismatch {missing}")
         return 1
     print("\nAUDIT PASSED: train_step, eval_step and test_step agree on every shared metric.")
+    return 0
+
+
+def _force_host_devices(n) -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n and n > 1 and "xla_force_host_platform_device_count" not in flags:
+        # On CPU, pmap needs host devices; XLA reads this flag once, before jax starts.
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def cmd_evaluate(args) -> int:
+    """Scores a saved run on train, val and test with exact split metrics, baselines and skill."""
+    _force_host_devices(args.devices)
+    from han_jax.evaluate import evaluate_run
+
+    overrides = {}
+    if args.losses_dir:
+        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir))
+    if args.monthly_csv_dir:
+        overrides.update(monthly_csv_dir=os.path.abspath(args.monthly_csv_dir))
+    evaluate_run(args.run_dir, checkpoint=args.checkpoint, batch_size=args.batch_size, num_devices=args.devices or 1,
+                 data_overrides=overrides, out=args.out)
     return 0
 
 
@@ -190,6 +219,15 @@ def main(argv=None) -> int:
     _common(p)
     p.add_argument("--epochs", type=int, help="as for train (the schedule is part of the step configuration)")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("evaluate", help="score a saved run on every split (exact split metrics, baselines, skill)")
+    p.add_argument("--run-dir", required=True, help="a folder written by 'han-jax train'")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--batch-size", type=int, help="rows per step (default: the run's); no number depends on it")
+    p.add_argument("--devices", type=int, help="pmap over this many local devices; no number depends on it")
+    p.add_argument("--out", help="write {split: {metric: value}} JSON here")
+    p.add_argument("--losses-dir", help="score on these loss records instead of the run's data (same layout)")
+    p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")
+    p.set_defaults(func=cmd_evaluate)
     args = parser.parse_args(argv)
     return args.func(args)
 

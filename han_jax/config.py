@@ -1,14 +1,23 @@
-"""Frozen configuration with the original's defaults in one place.
+"""The one configuration root: frozen sections with the original's defaults, presets, JSON.
 
-Every default below is the value ``train_multi_resolution.py main()`` uses at
-ML-OSINT commit 75d6392 (``shared/spec/model.md`` section 1, ``data.md``
+A run is described by one :class:`Config` tree (``model``, ``data``, ``step``,
+``train``), the way Flax examples describe theirs in ``configs/default.py``:
+presets are functions that build on each other (:func:`default` ->
+:func:`small` -> :func:`tiny`), and :func:`config_to_dict` /
+:func:`config_from_dict` round-trip a config through ``config.json`` exactly.
+
+Every default below is the value the original trainer's ``main()`` uses at
+ML-OSINT commit 75d6392 (``docs/model.md`` section 1, ``docs/data.md``
 section 6), unless its comment says han-jax differs and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+import typing
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+from han_jax.precision import Policy
 
 SourceLayout = Tuple[Tuple[str, int], ...]
 
@@ -26,7 +35,7 @@ MONTHLY_SOURCES: SourceLayout = (
     ("iom", 7),
 )
 
-# The small layout used by the test preset (data.md section 7: two daily and two
+# The small layout used by the test preset (docs/data.md section 7.1: two daily and two
 # monthly sources, 60-day and 3-month windows).
 SMALL_DAILY_SOURCES: SourceLayout = (("personnel", 12), ("drones", 9))
 SMALL_MONTHLY_SOURCES: SourceLayout = (("sentinel", 7), ("hdx_conflict", 5))
@@ -41,7 +50,7 @@ TASK_NAMES: Tuple[str, ...] = (
 )
 
 N_PHASES = 11
-# 11 operational phases -> 4 coarse regime classes (data.md section 5).
+# 11 operational phases -> 4 coarse regime classes (docs/data.md section 5.1).
 PHASE_TO_COARSE: Tuple[int, ...] = (0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3)
 
 
@@ -75,9 +84,8 @@ class ModelConfig:
     # Run the same-shaped per-source stacks (the daily transformer layers) as one
     # jax.vmap over stacked parameters instead of one stack per source. None: vmap
     # on GPU/TPU (fewer, larger kernels), per source on CPU, where XLA runs the four
-    # independent stacks concurrently on its threads: the vmapped stack measured
-    # 1.63 s against 1.56 s per default train step on 2 cores (it compiles in 64 s
-    # instead of 72 s; benchmarks/README.md).
+    # independent stacks concurrently on its threads and the vmapped stack measured
+    # slower (benchmarks/README.md).
     vmap_sources: Optional[bool] = None
     return_attention: bool = False  # add attention maps to the outputs
 
@@ -156,12 +164,11 @@ class OptimConfig:
 
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
-    warmup_epochs: int = 10
-    num_epochs: int = 200
+    warmup_epochs: int = 10  # the schedule's length is TrainConfig.epochs
     min_lr: float = 1e-6
     warmup_start_factor: float = 0.01  # warmup starts at learning_rate * 0.01
     schedule_unit: str = "epoch"  # "epoch" (as the original) or "step"
-    steps_per_epoch: int = 20  # optimiser updates per epoch; the trainer sets it from the data
+    steps_per_epoch: int = 20  # optimiser updates per epoch ("step" unit only); set from the data by train.prepare
     max_grad_norm: float = 1.0  # on model parameters only, as clip_grad_norm_(model.parameters())
     accumulation_steps: int = 4
     log_var_lr_multiplier: float = 10.0
@@ -179,3 +186,242 @@ class RegularizationConfig:
     source_dropout: bool = False
     source_dropout_prob: float = 0.4
     source_dropout_sources: Tuple[str, ...] = ("hdx_rainfall",)
+
+
+MISSING_VALUE = -999.0
+
+# A source selection entry is a name, or a (name, n_features) pair whose count is
+# checked against the data.
+SourceSpec = Union[str, Tuple[str, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to load and how to cut it into samples (``docs/data.md`` sections 2, 4 and 6).
+
+    ``daily_sources`` / ``monthly_sources`` select and order the world's sources;
+    ``None`` takes every source of the world in its own order. Entries may be names
+    or ``(name, n_features)`` pairs; a pair whose count differs from the data is an
+    error (the layout the model was built for would not match).
+
+    han-jax additions (off / neutral by default, so the defaults reproduce the
+    original's samples): ``embargo_days`` (a gap of anchor days dropped at the start
+    of val and of test), ``daily_forecast_targets`` (keep the 7-day targets the
+    original's collate drops), ``norm_whole_train_months=False`` (fit daily
+    statistics on train days only instead of every day of every month touched by
+    train), ``count_transform`` ("none"; ``"log1p"`` compresses the daily counts
+    before the fit, the default of :meth:`losses`).
+
+    One deliberate difference in the defaults: ``val_sample_stride=1`` scores val
+    and test on every valid anchor day (215 each on the default world) instead of
+    the original's automatic stride (10 each), which cannot measure skill;
+    ``val_sample_stride=None`` selects the original's stride.
+    """
+
+    # Where the world comes from (used by ``han_jax.data.make_world``).
+    source: str = "synthetic"  # "synthetic" | "losses"
+    mode: str = "learnable"  # synthetic: "learnable" | "realistic"
+    preset: str = "default"  # synthetic: "default" | "small"
+    losses_dir: Optional[str] = None
+    monthly_csv_dir: Optional[str] = None
+    n_days: Optional[int] = None  # synthetic length; None = the preset's
+
+    daily_sources: Optional[Tuple[SourceSpec, ...]] = DAILY_SOURCES
+    monthly_sources: Optional[Tuple[SourceSpec, ...]] = MONTHLY_SOURCES
+
+    start_date: str = "2022-02-24"
+    end_date: Optional[str] = None
+    daily_seq_len: int = 365
+    monthly_seq_len: int = 12
+    prediction_horizon: int = 1
+    val_ratio: float = 0.15
+    test_ratio: float = 0.15
+    # Val/test anchor stride. 1 (han-jax's default, deliberately not the original's): every
+    # valid day, >= 100 anchors per split on the embedded world. None: the original's
+    # automatic stride (the largest <= daily_seq_len // 2 that keeps 10 anchors).
+    val_sample_stride: Optional[int] = 1
+    embargo_days: int = 0
+    std_floor: float = 0.1
+    # Transform of the daily source features before the train-only z-score fit
+    # (han_jax/data/transform.py): "none" (the original) or "log1p" (sign(x) * log1p(|x|)
+    # on the count-like daily features, all but the two personnel ratios). "log1p" is
+    # the default of DataConfig.losses: the real counts are far from stationary.
+    count_transform: str = "none"
+    missing_value: float = MISSING_VALUE
+    norm_whole_train_months: bool = True
+    daily_forecast_targets: bool = False
+    daily_forecast_horizon: int = 7
+    seed: int = 42
+
+    @classmethod
+    def small(cls, **overrides) -> "DataConfig":
+        """The fast test preset of ``docs/data.md`` section 7 (300 days, 60/3 windows, 2+2 sources)."""
+        base = dict(
+            preset="small",
+            n_days=300,
+            daily_seq_len=60,
+            monthly_seq_len=3,
+            daily_sources=SMALL_DAILY_SOURCES,
+            monthly_sources=SMALL_MONTHLY_SOURCES,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def losses(cls, losses_dir: str, monthly_csv_dir: Optional[str] = None, **overrides) -> "DataConfig":
+        """Real loss data; the monthly layout is whatever the data provides; daily counts log1p-transformed."""
+        base = dict(
+            source="losses",
+            losses_dir=losses_dir,
+            monthly_csv_dir=monthly_csv_dir,
+            monthly_sources=None,
+            count_transform="log1p",
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """How every step computes: precision, losses, aggregation, optimiser, train-only extras.
+
+    ``policy`` is the one precision policy of every phase (``docs/audit.md``
+    section 2: the original ran its test phase at another precision).
+    """
+
+    policy: Policy = Policy()
+    loss: LossConfig = LossConfig()
+    aggregate: AggregateConfig = AggregateConfig()
+    optim: OptimConfig = OptimConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
+    log_var_priors: Optional[float] = None  # None: the original's per-task priors
+    # PRNG behind parameter init and dropout. threefry, JAX's default, inlines a
+    # large graph per draw, which made init and the dropout train step several times
+    # slower to compile on CPU; "unsafe_rbg" lowers to one RngBitGenerator op. Its
+    # streams are fixed for a JAX version; use "threefry2x32" for streams that are
+    # stable across JAX versions.
+    rng_impl: str = "unsafe_rbg"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings (the original's CLI defaults)."""
+
+    epochs: int = 200  # also the length of the learning-rate schedule
+    batch_size: int = 8
+    patience: int = 30
+    seed: int = 42
+    num_devices: int = 1  # >1: pmap over that many local devices
+    score_test_each_epoch: bool = True  # for the comparability plot; never used for selection
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run: one frozen, hashable tree.
+
+    It is the static argument of every jitted step (``han_jax.steps``), is
+    printed at the start of a run and saved as its ``config.json``.
+    """
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    step: StepConfig = StepConfig()
+    train: TrainConfig = TrainConfig()
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------------------
+# Presets: each builds on the one before.
+# ---------------------------------------------------------------------------
+
+
+def default() -> Config:
+    """The original's full-size model (8,192,006 parameters) and data (365-day / 12-month windows)."""
+    return Config()
+
+
+def small() -> Config:
+    """The README's main job: the embedded synthetic world, a small model, minutes on 2 CPU cores."""
+    base = default()
+    return base.replace(
+        model=ModelConfig.small(),  # the source layout is taken from the data
+        data=dataclasses.replace(base.data, daily_seq_len=90, monthly_seq_len=4),
+        step=dataclasses.replace(
+            base.step,
+            optim=dataclasses.replace(base.step.optim, learning_rate=1e-3, warmup_epochs=1, accumulation_steps=1),
+        ),
+        train=dataclasses.replace(base.train, epochs=6, batch_size=16),
+    )
+
+
+def tiny() -> Config:
+    """Tests: the small data preset and the smallest model."""
+    base = small()
+    return base.replace(
+        model=dataclasses.replace(base.model, d_model=16, nhead=2),
+        data=DataConfig.small(),
+        train=dataclasses.replace(base.train, epochs=2, batch_size=8),
+    )
+
+
+PRESETS: Dict[str, Callable[[], Config]] = {"default": default, "small": small, "tiny": tiny}
+
+
+def get_config(preset: str) -> Config:
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[preset]()
+
+
+# ---------------------------------------------------------------------------
+# JSON: config.json round-trips exactly.
+# ---------------------------------------------------------------------------
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Policy):
+        return value.name
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def config_to_dict(config) -> dict:
+    """A config section (or the whole :class:`Config`) as plain JSON data; the policy as its name."""
+    return _to_json(config)
+
+
+def _tuples(value: Any) -> Any:
+    # Every sequence field of a config is a (possibly nested) tuple: JSON gives lists.
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def config_from_dict(data: dict, cls: type = Config, *, where: str = "config") -> Any:
+    """Rebuilds a config section from :func:`config_to_dict`'s output.
+
+    A missing field takes its default; an unknown one is an error that names it
+    (a config written by another version must not load as something else).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if kind is Policy:
+            kwargs[name] = Policy.from_string(value)
+        elif dataclasses.is_dataclass(kind):
+            kwargs[name] = config_from_dict(value, kind, where=f"{where}.{name}")
+        else:
+            kwargs[name] = _tuples(value)
+    return cls(**kwargs)

@@ -5,7 +5,7 @@ One :class:`Policy` decides the dtypes of a run: parameters are stored in
 handed to the losses comes back in ``output_dtype``. The policy is part of the
 configuration that ``train_step``, ``eval_step`` and ``test_step`` all receive,
 so no phase can silently run at a different precision (the original ran its
-test phase without autocast; see ``shared/spec/loss-audit.md``).
+test phase without autocast; ``docs/audit.md`` section 2).
 
 float16 needs loss scaling because its exponent range is narrow; bfloat16 and
 float32 do not. :class:`DynamicLossScale` is the usual grow/shrink scheme (as in
@@ -23,7 +23,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PyTree = Any
 
@@ -51,17 +50,6 @@ def _parse_dtype(name: str, field: str) -> jnp.dtype:
             f"precision policy: field {field!r} has dtype {name!r}; expected one of "
             f"{sorted(set(_DTYPE_NAMES))}"
         ) from None
-
-
-def _cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
-    """Casts floating-point leaves of ``tree`` to ``dtype``; ints and bools stay."""
-
-    def cast(x):
-        if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(dtype)
-        return x
-
-    return jax.tree_util.tree_map(cast, tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,27 +105,6 @@ class Policy:
     @property
     def needs_loss_scaling(self) -> bool:
         return self.compute_dtype == jnp.float16 or self.param_dtype == jnp.float16
-
-    def cast_to_compute(self, tree: PyTree) -> PyTree:
-        return _cast_floating(tree, self.compute_dtype)
-
-    def cast_to_param(self, tree: PyTree) -> PyTree:
-        return _cast_floating(tree, self.param_dtype)
-
-    def cast_to_output(self, tree: PyTree) -> PyTree:
-        return _cast_floating(tree, self.output_dtype)
-
-
-def get_policy(policy: "Policy | str") -> Policy:
-    return policy if isinstance(policy, Policy) else Policy.from_string(policy)
-
-
-def all_finite(tree: PyTree) -> jax.Array:
-    """A scalar bool: every floating leaf of ``tree`` is finite."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return jnp.array(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
 
 
 @flax.struct.dataclass

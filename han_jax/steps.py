@@ -1,6 +1,6 @@
 """Jitted train, eval and test steps on one shared loss path.
 
-The audit (``shared/spec/loss-audit.md``) found that the original's
+The audit (``docs/audit.md`` section 1) found that the original's
 ``train_epoch``, ``validate`` and ``evaluate`` each built their totals
 differently. Here :func:`_shared_forward` (model -> ``compute_losses`` ->
 ``aggregate`` -> metrics, under the configured precision policy) is the only
@@ -9,18 +9,23 @@ place a total is formed, and :func:`train_step`, :func:`eval_step` and
 what only training has (objective, temporal regulariser, learning rate,
 skipped-step flag), test adds per-row predictions.
 
-Every function takes ``axis_name``: inside ``pmap`` the batch statistics of
-the losses and the metrics are taken across devices and gradients are
+Every step takes the run's :class:`~han_jax.config.Config` as a static
+argument, and ``axis_name``: inside ``pmap`` the batch statistics of the
+losses and the metrics are taken across devices and gradients are
 ``pmean``-ed, so N devices holding B/N rows give the metrics and updated
 parameters of one device holding all B rows.
 
+The update belongs to optax (:func:`make_optimizer`): train_step reads
+grad -> (pmean) -> ``tx.update`` -> ``apply_updates``.
+
 Deliberate differences from the original trainer:
-  * A step whose gradients are not finite changes neither parameters nor
-    optimiser state, and is counted (the original relied on GradScaler,
-    which it only had for float16).
+  * A micro-batch whose gradients are not finite changes neither parameters
+    nor optimiser moments nor the accumulation, and is counted
+    (``optax.apply_if_finite``; the original relied on GradScaler, which it
+    only had for float16).
   * Gradient accumulation uses ``optax.MultiSteps``; the trainer resets a
-    partial accumulation at each epoch start, as the original's
-    ``grad_accumulator.zero_grad()`` did.
+    partial accumulation at each epoch start (:func:`start_epoch`), as the
+    original's ``grad_accumulator.zero_grad()`` did.
 """
 
 from __future__ import annotations
@@ -34,49 +39,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from han_jax.aggregate import AggregateInfo, aggregate, init_log_vars
+from han_jax.aggregate import aggregate, init_log_vars
 from han_jax.batch import Inputs, Targets
-from han_jax.config import (
-    AggregateConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    RegularizationConfig,
-)
-from han_jax.losses import (
-    compute_losses_with_diagnostics,
-    masked_mean,
-    masked_sum,
-    regime_labels,
-    temporal_regularization,
-    zinb_parameters,
-)
+from han_jax.config import Config, OptimConfig
+from han_jax.losses import compute_losses, temporal_regularization, zinb_parameters
+from han_jax.metrics import batch_statistics, metrics_from_statistics
 from han_jax.model import MultiResolutionHAN
-from han_jax.precision import Policy, all_finite, make_loss_scale
+from han_jax.precision import make_loss_scale
 
 Array = jax.Array
 
-HIGH_OBS_RATE = 0.8  # validate()'s stratification thresholds on the monthly obs rate
-LOW_OBS_RATE = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Everything a step is traced with. Hashable: it is a static argument."""
-
-    model: ModelConfig = ModelConfig()
-    policy: Policy = Policy()
-    loss: LossConfig = LossConfig()
-    aggregate: AggregateConfig = AggregateConfig()
-    optim: OptimConfig = OptimConfig()
-    regularization: RegularizationConfig = RegularizationConfig()
-    log_var_priors: Optional[float] = None  # None: the original's per-task priors
-    # PRNG behind parameter init and dropout. threefry, JAX's default, inlines a
-    # large graph per draw, which made init and the dropout train step several times
-    # slower to compile on CPU; "unsafe_rbg" lowers to one RngBitGenerator op. Its
-    # streams are fixed for a JAX version; use "threefry2x32" for streams that are
-    # stable across JAX versions.
-    rng_impl: str = "unsafe_rbg"
+# apply_if_finite gives up and applies a non-finite update after this many in a
+# row; at int32's maximum (its counter saturates there) it never does.
+_NEVER_APPLY_NON_FINITE = 2**31 - 1
 
 
 @flax.struct.dataclass
@@ -85,16 +60,16 @@ class TrainState:
 
     Attributes:
       step: micro-batches seen (train_step calls).
-      epoch: the epoch the schedule reads in per-epoch mode (set by the trainer).
       params: model parameters.
       log_vars: ``{task: scalar}`` Kendall log-variances.
-      opt_state: ``optax.MultiSteps`` state over ``{"model", "log_vars"}``.
+      opt_state: the state of :func:`make_optimizer`'s transformation
+        (``apply_if_finite`` around ``MultiSteps`` around the AdamW groups; the
+        learning rate is its injected hyperparameter).
       loss_scale: :class:`~han_jax.precision.NoOpLossScale` or dynamic (f16).
       rng: key for dropout and source dropout.
     """
 
     step: Array
-    epoch: Array
     params: Any
     log_vars: dict
     opt_state: Any
@@ -107,11 +82,11 @@ def typed_key(raw_key: Array, impl: str) -> Array:
     return jax.random.key(jax.random.bits(raw_key, (), jnp.uint32), impl=impl)
 
 
-def make_model(config: StepConfig) -> MultiResolutionHAN:
-    return MultiResolutionHAN(config=config.model, policy=config.policy)
+def make_model(config: Config) -> MultiResolutionHAN:
+    return MultiResolutionHAN(config=config.model, policy=config.step.policy)
 
 
-def learning_rate_schedule(optim: OptimConfig) -> optax.Schedule:
+def learning_rate_schedule(optim: OptimConfig, *, num_epochs: int) -> optax.Schedule:
     """The original's ``WarmupCosineScheduler``, built from optax's.
 
     Linear warmup from ``learning_rate * 0.01`` over ``min(warmup_epochs,
@@ -119,8 +94,8 @@ def learning_rate_schedule(optim: OptimConfig) -> optax.Schedule:
     cosine decay to ``min_lr`` at ``num_epochs``. In ``"step"`` mode the same
     curve is stretched over optimiser updates.
     """
-    warmup = min(optim.warmup_epochs, max(1, optim.num_epochs - 1))
-    total = optim.num_epochs
+    warmup = min(optim.warmup_epochs, max(1, num_epochs - 1))
+    total = num_epochs
     if optim.schedule_unit == "step":
         warmup, total = warmup * optim.steps_per_epoch, total * optim.steps_per_epoch
     elif optim.schedule_unit != "epoch":
@@ -134,203 +109,126 @@ def learning_rate_schedule(optim: OptimConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
-    """AdamW directions at unit learning rate; the step scales them by the schedule.
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """The whole update as one optax transformation over ``{"model", "log_vars"}``.
 
-    The learning rate is applied in :func:`train_step` (``updates * lr``)
-    rather than inside optax so that the per-epoch schedule can read the
-    epoch from the state, as the original's ``scheduler.step()`` per epoch
-    did. ``p - lr * (adam + wd * p)`` is exactly AdamW either way.
+    From the outside in:
+      * ``apply_if_finite``: a micro-batch with a non-finite gradient leaves
+        everything inside untouched (it is never applied, however many come
+        in a row); ``last_finite`` and ``total_notfinite`` record it.
+      * ``MultiSteps``: ``accumulation_steps`` micro-batches per update.
+      * ``inject_hyperparams``: the learning rate lives in the state. With
+        ``schedule_unit="step"`` optax evaluates the schedule at each update;
+        with ``"epoch"`` (the original's per-epoch ``scheduler.step()``)
+        :func:`start_epoch` writes the epoch's value.
+      * per group (``multi_transform``): the model's gradients are clipped to
+        ``max_grad_norm`` (the original clipped model parameters only), then
+        AdamW; the log-variances get their own AdamW scaled by
+        ``log_var_lr_multiplier`` (AdamW's update is linear in the learning
+        rate, so this is AdamW at the multiplied rate).
+
+    ``optax.flatten`` runs each group on one concatenated vector: the same maths
+    (the global norm and AdamW are elementwise or whole-vector) in a handful of
+    ops instead of a few per parameter leaf, which compiles faster.
     """
-    # optax.flatten runs each group on one concatenated vector: the same maths (the
-    # global norm and AdamW are elementwise or whole-vector), but a handful of ops
-    # instead of a few per parameter leaf, which cut the step's compile time by a third.
-    model_tx = optax.flatten(optax.chain(
-        optax.clip_by_global_norm(optim.max_grad_norm),
-        optax.adamw(learning_rate=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=optim.weight_decay),
-    ))
-    log_var_tx = optax.flatten(
-        optax.adamw(learning_rate=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=optim.weight_decay))
-    tx = optax.multi_transform(
-        {"model": model_tx, "log_vars": log_var_tx}, {"model": "model", "log_vars": "log_vars"}
-    )
-    return optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)
+    optim = config.step.optim
+    schedule = learning_rate_schedule(optim, num_epochs=config.train.epochs)
+
+    def groups(learning_rate):
+        def adamw():
+            return optax.adamw(learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8,
+                               weight_decay=optim.weight_decay)
+
+        return optax.multi_transform(
+            {
+                "model": optax.flatten(optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw())),
+                "log_vars": optax.flatten(optax.chain(adamw(), optax.scale(optim.log_var_lr_multiplier))),
+            },
+            {"model": "model", "log_vars": "log_vars"},
+        )
+
+    learning_rate = schedule if optim.schedule_unit == "step" else schedule(0)
+    tx = optax.inject_hyperparams(groups)(learning_rate=learning_rate)
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)
+    return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_APPLY_NON_FINITE)
+
+
+def _hyperparams(opt_state) -> dict:
+    """``inject_hyperparams``' values inside :func:`make_optimizer`'s state."""
+    return opt_state.inner_state.inner_opt_state.hyperparams
+
+
+def current_learning_rate(opt_state) -> Array:
+    """The learning rate in the optimiser state (the last update's in ``"step"`` mode)."""
+    return _hyperparams(opt_state)["learning_rate"]
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(model_config: ModelConfig, policy: Policy, rng_impl: str):
+def _init_fn(model_config, policy, rng_impl: str):
     """The jitted ``model.init``, one per architecture (its compile is the slow part)."""
     model = MultiResolutionHAN(config=model_config, policy=policy)
     return jax.jit(lambda raw, x: model.init({"params": typed_key(raw, rng_impl)}, x, deterministic=True))
 
 
-def create_train_state(rng: Array, config: StepConfig, inputs: Inputs) -> TrainState:
+def create_train_state(rng: Array, config: Config, inputs: Inputs) -> TrainState:
     """Initialises parameters (from one sample batch's shapes), log-variances and optimiser."""
     init_rng, state_rng = jax.random.split(rng)
-    params = _init_fn(config.model, config.policy, config.rng_impl)(init_rng, inputs)["params"]
-    log_vars = init_log_vars(config.aggregate.task_names, config.log_var_priors)
-    opt_state = make_optimizer(config.optim).init({"model": params, "log_vars": log_vars})
+    params = _init_fn(config.model, config.step.policy, config.step.rng_impl)(init_rng, inputs)["params"]
+    log_vars = init_log_vars(config.step.aggregate.task_names, config.step.log_var_priors)
+    opt_state = make_optimizer(config).init({"model": params, "log_vars": log_vars})
     return TrainState(
         step=jnp.int32(0),
-        epoch=jnp.int32(0),
         params=params,
         log_vars=log_vars,
         opt_state=opt_state,
-        loss_scale=make_loss_scale(config.policy),
+        loss_scale=make_loss_scale(config.step.policy),
         rng=state_rng,
     )
 
 
-def reset_accumulation(state: TrainState) -> TrainState:
-    """Drops a partial gradient accumulation (the original's per-epoch ``zero_grad``)."""
-    opt = state.opt_state
-    opt = opt._replace(
-        mini_step=jnp.zeros_like(opt.mini_step),
-        acc_grads=jax.tree_util.tree_map(jnp.zeros_like, opt.acc_grads),
-    )
-    return state.replace(opt_state=opt)
+def start_epoch(state: TrainState, epoch: Array, *, config: Config) -> TrainState:
+    """The original's per-epoch ``scheduler.step()`` and ``zero_grad()``.
+
+    Writes the epoch's learning rate into the optimiser state (``"epoch"`` unit)
+    and drops a partial gradient accumulation.
+    """
+    optim = config.step.optim
+    multi = state.opt_state.inner_state  # apply_if_finite -> MultiSteps
+    inject = multi.inner_opt_state
+    if optim.schedule_unit == "epoch":
+        lr = learning_rate_schedule(optim, num_epochs=config.train.epochs)(epoch)
+        inject = inject._replace(hyperparams={**inject.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)})
+    multi = multi._replace(mini_step=jnp.zeros_like(multi.mini_step), inner_opt_state=inject,
+                           acc_grads=jax.tree_util.tree_map(jnp.zeros_like, multi.acc_grads))
+    return state.replace(opt_state=state.opt_state._replace(inner_state=multi))
 
 
 # ---------------------------------------------------------------------------
 # The shared path.
 # ---------------------------------------------------------------------------
 
-# Mean-valued metrics and the count each is weighted by when batches are combined.
-METRIC_WEIGHTS = {
-    "weighted_total": "n_rows",
-    "simple_total": "n_rows",
-    "data_term": "n_rows",
-    "uncertainty_term": "n_rows",
-    "reg_term": "n_rows",
-    "regime_accuracy": "n/regime",
-    "casualty_mae": "n/casualty",
-    "anomaly_mse": "n/anomaly",
-    "forecast_mse": "n/forecast",
-    "high_obs/weighted_total": "high_obs/n_rows",
-    "high_obs/simple_total": "high_obs/n_rows",
-    "low_obs/weighted_total": "low_obs/n_rows",
-    "low_obs/simple_total": "low_obs/n_rows",
-}
 
-
-def _losses_and_total(outputs, targets: Targets, log_vars, config: StepConfig, axis_name):
-    losses, diag = compute_losses_with_diagnostics(outputs, targets, config.loss, axis_name=axis_name)
-    total, info = aggregate(losses, log_vars, config.aggregate)
-    return total, losses, info, diag
-
-
-def _aggregate_metrics(prefix: str, losses: dict, info: AggregateInfo) -> dict:
-    m = {
-        f"{prefix}weighted_total": info.weighted_total,
-        f"{prefix}simple_total": info.simple_total,
-    }
-    if prefix:
-        return m
-    m.update(data_term=info.data_term, uncertainty_term=info.uncertainty_term, reg_term=info.reg_term)
-    for task, value in losses.items():
-        m[f"loss/{task}"] = value
-    for task, w in info.weight.items():
-        m[f"weight/{task}"] = w
-    for task, inc in info.included.items():
-        m[f"included/{task}"] = inc.astype(jnp.float32)
-    return m
-
-
-def _task_metrics(outputs, targets: Targets, row, config: StepConfig, axis_name) -> dict:
-    """Interpretable metrics on the last month, each with its valid count."""
-    m = {}
-    logits = outputs["regime_logits"][:, -1].astype(jnp.float32)
-    k = logits.shape[-1]
-    if targets.phase_index is not None and targets.phase_valid is not None:
-        labels = regime_labels(targets.phase_index, k, config.loss.phase_to_coarse)
-        valid = row & targets.phase_valid.astype(bool)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        m["regime_accuracy"], m["n/regime"] = masked_mean(correct, valid, axis_name=axis_name)
-        one_hot = jax.nn.one_hot(labels, k)
-        m["regime_class_correct"] = jax.vmap(lambda c: masked_sum(correct, valid & (labels == c), axis_name=axis_name))(jnp.arange(k))
-        m["regime_class_count"] = jax.vmap(lambda c: masked_sum(one_hot[:, c], valid, axis_name=axis_name))(jnp.arange(k))
-    else:
-        m["regime_accuracy"] = m["n/regime"] = jnp.float32(0.0)
-        m["regime_class_correct"] = m["regime_class_count"] = jnp.zeros((k,), jnp.float32)
-    m["regime_balanced_accuracy"] = balanced_accuracy(m["regime_class_correct"], m["regime_class_count"])
-
-    score = outputs["anomaly_score"][:, -1, 0].astype(jnp.float32)
-    if targets.is_transition is not None and targets.phase_valid is not None:
-        valid = row & targets.phase_valid.astype(bool)
-        y = targets.is_transition.astype(jnp.float32)
-        pred = (score > 0.0).astype(jnp.float32)  # sigmoid(score) > 0.5
-        m["transition_positives"] = masked_sum(y, valid, axis_name=axis_name)
-        m["transition_predicted_positives"] = masked_sum(pred, valid, axis_name=axis_name)
-        m["transition_true_positives"] = masked_sum(pred * y, valid, axis_name=axis_name)
-        m["n/transition"] = masked_sum(jnp.ones_like(y), valid, axis_name=axis_name)
-    else:
-        m.update({key: jnp.float32(0.0) for key in ("transition_positives", "transition_predicted_positives",
-                                                    "transition_true_positives", "n/transition")})
-
-    if targets.fatalities is not None and targets.casualty_valid is not None:
-        valid = row & targets.casualty_valid.astype(bool)
-        pi, mu, _ = zinb_parameters(outputs["casualty_pred"][:, -1].astype(jnp.float32),
-                                    outputs["casualty_var"][:, -1].astype(jnp.float32))
-        expected = (1.0 - pi) * mu * config.loss.casualty_target_scale
-        err = jnp.abs(expected - jnp.where(valid, targets.fatalities, 0.0))
-        m["casualty_mae"], m["n/casualty"] = masked_mean(err, valid, axis_name=axis_name)
-    else:
-        m["casualty_mae"] = m["n/casualty"] = jnp.float32(0.0)
-
-    if targets.anomaly is not None and targets.anomaly_valid is not None:
-        valid = row & targets.anomaly_valid.astype(bool)
-        err = jnp.square(jnp.clip(score, -10.0, 10.0) - jnp.where(valid, targets.anomaly, 0.0))
-        m["anomaly_mse"], m["n/anomaly"] = masked_mean(err, valid, axis_name=axis_name)
-    else:
-        m["anomaly_mse"] = m["n/anomaly"] = jnp.float32(0.0)
-
-    if targets.forecast_targets is not None and targets.forecast_masks is not None:
-        pred = outputs["forecast_pred"].astype(jnp.float32)
-        f = min(pred.shape[-1], targets.forecast_targets.shape[-1])
-        valid = targets.forecast_masks[..., :f].astype(bool) & row[:, None, None]
-        err = jnp.square(pred[..., :f] - jnp.where(valid, targets.forecast_targets[..., :f], 0.0))
-        m["forecast_mse"], m["n/forecast"] = masked_mean(err, valid, axis_name=axis_name)
-    else:
-        m["forecast_mse"] = m["n/forecast"] = jnp.float32(0.0)
-    return m
-
-
-def balanced_accuracy(class_correct: Array, class_count: Array) -> Array:
-    """Mean recall over the classes present (0 when none is)."""
-    present = class_count > 0
-    recall = class_correct / jnp.maximum(class_count, 1.0)
-    return jnp.sum(jnp.where(present, recall, 0.0)) / jnp.maximum(jnp.sum(present), 1)
-
-
-def _shared_forward(params, log_vars, inputs: Inputs, targets: Targets, rng, *, config: StepConfig,
+def _shared_forward(params, log_vars, inputs: Inputs, targets: Targets, rng, *, config: Config,
                     deterministic: bool, axis_name: Optional[str]):
-    """Model -> compute_losses -> aggregate -> metrics: the one path of every phase."""
-    model = make_model(config)
+    """Model -> compute_losses -> aggregate, and the batch's statistics -> metrics: the one path of every phase.
+
+    Returns:
+      (total, outputs, statistics, metrics): the batch's Kendall total (the
+      objective, with gradient), the model outputs, the batch's
+      :func:`~han_jax.metrics.batch_statistics` and the metrics they give.
+    """
     rngs = None if deterministic else {"dropout": rng}
-    outputs = model.apply({"params": params}, inputs, deterministic=deterministic, rngs=rngs)
-    row = targets.sample_mask.astype(bool)
-    total, losses, info, diag = _losses_and_total(outputs, targets, log_vars, config, axis_name)
-    metrics = _aggregate_metrics("", losses, info)
-    n_rows = masked_sum(row.astype(jnp.float32), None, axis_name=axis_name)
-    metrics["n_rows"] = n_rows
-    metrics["nan_in_outputs"] = diag.nan_in_outputs.astype(jnp.float32)
-    metrics.update(_task_metrics(outputs, targets, row, config, axis_name))
-
-    # validate()'s observation-rate split, per row: the same shared total on the
-    # rows of each stratum (the original filed whole-batch totals by row).
-    obs = targets.monthly_obs_rate
-    for name, keep in (("high_obs", lambda r: r > HIGH_OBS_RATE), ("low_obs", lambda r: r < LOW_OBS_RATE)):
-        sub_row = row & (keep(obs) if obs is not None else jnp.zeros_like(row))
-        sub_targets = targets.replace(sample_mask=sub_row)
-        _, sub_losses, sub_info, _ = _losses_and_total(outputs, sub_targets, log_vars, config, axis_name)
-        metrics.update(_aggregate_metrics(f"{name}/", sub_losses, sub_info))
-        metrics[f"{name}/n_rows"] = masked_sum(sub_row.astype(jnp.float32), None, axis_name=axis_name)
-    return total, outputs, metrics
+    outputs = make_model(config).apply({"params": params}, inputs, deterministic=deterministic, rngs=rngs)
+    losses = compute_losses(outputs, targets, config.step.loss, axis_name=axis_name)
+    total, _ = aggregate(losses, log_vars, config.step.aggregate)
+    statistics = jax.lax.stop_gradient(batch_statistics(outputs, targets, config=config, axis_name=axis_name))
+    metrics = metrics_from_statistics(statistics, jax.lax.stop_gradient(log_vars), config=config)
+    return total, outputs, statistics, metrics
 
 
-def _source_dropout(inputs: Inputs, rng, config: StepConfig) -> Inputs:
+def _source_dropout(inputs: Inputs, rng, config: Config) -> Inputs:
     """Phase-2 SourceDropout: one draw per batch zeroes each listed monthly source."""
-    reg = config.regularization
+    reg = config.step.regularization
     feats, masks = dict(inputs.monthly_features), dict(inputs.monthly_masks)
     for i, name in enumerate(reg.source_dropout_sources):
         if name not in feats:
@@ -343,14 +241,14 @@ def _source_dropout(inputs: Inputs, rng, config: StepConfig) -> Inputs:
     return inputs.replace(monthly_features=feats, monthly_masks=masks)
 
 
-def train_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: StepConfig,
+def train_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: Config,
                axis_name: Optional[str] = None, deterministic: bool = False):
-    """One micro-batch: gradients of the shared objective, accumulated by MultiSteps.
+    """One micro-batch: gradients of the shared objective, handed to optax.
 
     Args:
       state: the train state.
       inputs, targets: one batch (padding rows have ``sample_mask`` False).
-      config: the static step configuration (model, policy, losses, optimiser).
+      config: the run's configuration (static).
       axis_name: the pmap axis, or None.
       deterministic: switch dropout off (used to prove the shared path).
 
@@ -362,17 +260,16 @@ def train_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: S
     rng, dropout_rng, source_rng = jax.random.split(state.rng, 3)
     if axis_name is not None:
         dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
-    dropout_rng = typed_key(dropout_rng, config.rng_impl)
-    if config.regularization.source_dropout and not deterministic:
+    dropout_rng = typed_key(dropout_rng, config.step.rng_impl)
+    reg, optim = config.step.regularization, config.step.optim
+    if reg.source_dropout and not deterministic:
         inputs = _source_dropout(inputs, source_rng, config)
-    optim = config.optim
 
     def objective_fn(trainable):
-        total, outputs, metrics = _shared_forward(
+        total, outputs, _, metrics = _shared_forward(
             trainable["model"], trainable["log_vars"], inputs, targets, dropout_rng,
             config=config, deterministic=deterministic, axis_name=axis_name,
         )
-        reg = config.regularization
         if reg.temporal_reg:
             temporal, _ = temporal_regularization(
                 outputs, targets.sample_mask.astype(bool), correlation_weight=reg.temporal_corr_weight,
@@ -396,58 +293,63 @@ def train_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: S
     grads = state.loss_scale.unscale(grads)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    finite = all_finite(grads)
-    # Non-finite gradients must not reach the optimiser: feed zeros and discard the result.
-    safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
 
-    tx = make_optimizer(optim)
-    updates, new_opt_state = tx.update(safe_grads, state.opt_state, trainable)
-    schedule = learning_rate_schedule(optim)
-    if optim.schedule_unit == "epoch":
-        lr = schedule(state.epoch)
-    else:
-        # Optimiser updates applied so far: the update this step may complete is the next one.
-        lr = schedule(state.opt_state.gradient_step)
-    updates = {
-        "model": jax.tree_util.tree_map(lambda u: u * lr.astype(u.dtype), updates["model"]),
-        "log_vars": jax.tree_util.tree_map(lambda u: u * (lr * optim.log_var_lr_multiplier).astype(u.dtype),
-                                           updates["log_vars"]),
-    }
-    new_trainable = optax.apply_updates(trainable, updates)
-
-    def keep_if_finite(new, old):
-        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-
+    finite = opt_state.last_finite
     new_state = state.replace(
         step=state.step + 1,
-        params=keep_if_finite(new_trainable["model"], state.params),
-        log_vars=keep_if_finite(new_trainable["log_vars"], state.log_vars),
-        opt_state=keep_if_finite(new_opt_state, state.opt_state),
+        params=trainable["model"],
+        log_vars=trainable["log_vars"],
+        opt_state=opt_state,
         loss_scale=state.loss_scale.adjust(finite),
         rng=rng,
     )
     metrics.update(
-        learning_rate=lr,
+        learning_rate=current_learning_rate(opt_state),
         skipped_step=(~finite).astype(jnp.float32),
-        grad_norm=optax.tree.norm(safe_grads["model"]),
+        grad_norm=jnp.where(finite, optax.tree.norm(grads["model"]), 0.0),
         loss_scale=jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
     )
     return new_state, metrics
 
 
-def eval_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: StepConfig,
-              axis_name: Optional[str] = None):
-    """Validation metrics: the shared path with dropout off."""
-    _, _, metrics = _shared_forward(state.params, state.log_vars, inputs, targets, None,
-                                    config=config, deterministic=True, axis_name=axis_name)
-    return metrics
+@flax.struct.dataclass
+class EvalOutput:
+    """What :func:`eval_step` and :func:`test_step` return.
+
+    Attributes:
+      metrics: the batch's own numbers (the keys of ``train_step``'s metrics,
+        without the optimiser extras).
+      statistics: the batch's :func:`~han_jax.metrics.batch_statistics`; a
+        :class:`~han_jax.metrics.SplitAccumulator` merges them into the exact
+        metrics of a whole split.
+      predictions: per-row predictions (``test_step``; empty for ``eval_step``).
+    """
+
+    metrics: dict
+    statistics: dict
+    predictions: dict
 
 
-def test_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: StepConfig,
-              axis_name: Optional[str] = None):
-    """Test metrics (the same as :func:`eval_step`) plus per-row predictions for reports."""
-    _, outputs, metrics = _shared_forward(state.params, state.log_vars, inputs, targets, None,
-                                          config=config, deterministic=True, axis_name=axis_name)
+def eval_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: Config,
+              axis_name: Optional[str] = None) -> EvalOutput:
+    """Validation: the shared path with dropout off."""
+    _, _, statistics, metrics = _shared_forward(state.params, state.log_vars, inputs, targets, None,
+                                                config=config, deterministic=True, axis_name=axis_name)
+    return EvalOutput(metrics=metrics, statistics=statistics, predictions={})
+
+
+def test_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: Config,
+              axis_name: Optional[str] = None) -> EvalOutput:
+    """Test: :func:`eval_step` plus per-row predictions for reports.
+
+    ``predictions``: ``regime_probs [B, K]``, the ZINB ``zinb_pi``, ``zinb_mu``,
+    ``zinb_theta`` and ``expected_fatalities [B]``, ``anomaly_logit [B]``,
+    ``forecast_next [B, Ff]`` (the last month's forecast) and ``sample_mask [B]``.
+    """
+    _, outputs, statistics, metrics = _shared_forward(state.params, state.log_vars, inputs, targets, None,
+                                                      config=config, deterministic=True, axis_name=axis_name)
     pi, mu, theta = zinb_parameters(outputs["casualty_pred"][:, -1].astype(jnp.float32),
                                     outputs["casualty_var"][:, -1].astype(jnp.float32))
     predictions = {
@@ -455,11 +357,12 @@ def test_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: St
         "zinb_pi": pi,
         "zinb_mu": mu,
         "zinb_theta": theta,
-        "expected_fatalities": (1.0 - pi) * mu * config.loss.casualty_target_scale,
+        "expected_fatalities": (1.0 - pi) * mu * config.step.loss.casualty_target_scale,
         "anomaly_logit": outputs["anomaly_score"][:, -1, 0].astype(jnp.float32),
+        "forecast_next": outputs["forecast_pred"][:, -1].astype(jnp.float32),
         "sample_mask": targets.sample_mask,
     }
-    return metrics, predictions
+    return EvalOutput(metrics=metrics, statistics=statistics, predictions=predictions)
 
 
 # Keep pytest from collecting the step function named test_step.
@@ -468,18 +371,23 @@ test_step.__test__ = False
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """Compiled steps for one configuration."""
+    """Compiled steps for one configuration.
+
+    ``train(state, inputs, targets) -> (state, metrics)``; ``eval`` and ``test``
+    ``(state, inputs, targets) -> EvalOutput``; ``start_epoch(state, epoch) -> state``.
+    """
 
     train: Any
     train_deterministic: Any
     eval: Any
     test: Any
+    start_epoch: Any
     axis_name: Optional[str]
 
 
 @functools.lru_cache(maxsize=16)
-def jit_steps(config: StepConfig) -> Steps:
-    """The three steps jitted for one device; the state buffer is donated in training.
+def jit_steps(config: Config) -> Steps:
+    """The steps jitted for one device; the state buffer is donated in training.
 
     Cached per (hashable) configuration, so every caller shares one compilation.
     """
@@ -488,20 +396,24 @@ def jit_steps(config: StepConfig) -> Steps:
         train_deterministic=jax.jit(functools.partial(train_step, config=config, deterministic=True)),
         eval=jax.jit(functools.partial(eval_step, config=config)),
         test=jax.jit(functools.partial(test_step, config=config)),
+        start_epoch=jax.jit(functools.partial(start_epoch, config=config)),
         axis_name=None,
     )
 
 
 @functools.lru_cache(maxsize=16)
-def pmap_steps(config: StepConfig, axis_name: str = "batch") -> Steps:
-    """The three steps over local devices; inputs carry a leading device axis."""
+def pmap_steps(config: Config, axis_name: str = "batch") -> Steps:
+    """The steps over local devices; inputs and the state carry a leading device axis."""
+
+    def pmapped(fn, **kw):
+        return jax.pmap(functools.partial(fn, config=config, axis_name=axis_name), axis_name=axis_name, **kw)
+
     return Steps(
-        train=jax.pmap(functools.partial(train_step, config=config, axis_name=axis_name), axis_name=axis_name,
-                       donate_argnums=0),
-        train_deterministic=jax.pmap(
-            functools.partial(train_step, config=config, axis_name=axis_name, deterministic=True),
-            axis_name=axis_name),
-        eval=jax.pmap(functools.partial(eval_step, config=config, axis_name=axis_name), axis_name=axis_name),
-        test=jax.pmap(functools.partial(test_step, config=config, axis_name=axis_name), axis_name=axis_name),
+        train=pmapped(train_step, donate_argnums=0),
+        train_deterministic=jax.pmap(functools.partial(train_step, config=config, axis_name=axis_name,
+                                                       deterministic=True), axis_name=axis_name),
+        eval=pmapped(eval_step),
+        test=pmapped(test_step),
+        start_epoch=jax.pmap(functools.partial(start_epoch, config=config)),
         axis_name=axis_name,
     )

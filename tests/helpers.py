@@ -1,65 +1,22 @@
-"""Random batches in the han-jax batch format, for model and step tests."""
+"""The configuration the CLI tests run, shared so compiled steps are shared across test files."""
 
-import numpy as np
+import dataclasses
+import functools
 
-from han_jax.batch import Inputs, Targets
-from han_jax.config import ModelConfig
-
-
-def month_boundaries(b, t, m):
-    """Contiguous months of ~30 days ending at the window end (the first may be partial)."""
-    ends = t - 30 * np.arange(m)[::-1] - 0
-    starts = np.maximum(ends - 30, 0)
-    bnd = np.stack([starts, ends], -1).astype(np.int32)
-    return np.broadcast_to(bnd, (b, m, 2)).copy()
-
-
-def random_batch(config: ModelConfig, b=4, t=60, m=3, seed=0, n_real=None, p_obs=0.9):
-    rng = np.random.default_rng(seed)
-    n_real = b if n_real is None else n_real
-    df, dm, mf, mm = {}, {}, {}, {}
-    for name, f in config.daily_sources:
-        obs = rng.random((b, t, 1)) < p_obs
-        dm[name] = np.broadcast_to(obs, (b, t, f)).copy()
-        df[name] = np.where(dm[name], rng.normal(size=(b, t, f)), 0.0).astype(np.float32)
-    for name, f in config.monthly_sources:
-        obs = rng.random((b, m, 1)) < p_obs
-        mm[name] = np.broadcast_to(obs, (b, m, f)).copy()
-        mf[name] = np.where(mm[name], rng.normal(size=(b, m, f)), 0.0).astype(np.float32)
-    ft = config.n_monthly_features + config.n_daily_features
-    inputs = Inputs(daily_features=df, daily_masks=dm, monthly_features=mf, monthly_masks=mm,
-                    month_boundaries=month_boundaries(b, t, m))
-    targets = Targets(
-        phase_index=rng.integers(0, 11, b).astype(np.int32),
-        phase_valid=rng.random(b) < 0.9,
-        is_transition=rng.random(b) < 0.3,
-        fatalities=rng.gamma(2.0, 2000.0, b).astype(np.float32),
-        casualty_valid=rng.random(b) < 0.9,
-        anomaly=rng.normal(size=b).astype(np.float32),
-        anomaly_valid=rng.random(b) < 0.8,
-        forecast_targets=rng.normal(size=(b, m, ft)).astype(np.float32),
-        forecast_masks=rng.random((b, m, ft)) < 0.8,
-        sample_mask=np.arange(b) < n_real,
-        daily_obs_rate=rng.random(b).astype(np.float32),
-        monthly_obs_rate=np.where(np.arange(b) % 2 == 0, 0.9, 0.3).astype(np.float32),
-    )
-    return inputs, targets
-
+from han_jax import config as configs
 
 TINY_EPOCHS = 3
 
 
-def tiny_config():
+def tiny_config() -> configs.Config:
     """``han-jax train --preset tiny --epochs 3``: the configuration the CLI tests run."""
-    import dataclasses
-
-    from han_jax.train import Config
-
-    config = Config.tiny()
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=TINY_EPOCHS))
+    config = configs.tiny()
+    return config.replace(train=dataclasses.replace(config.train, epochs=TINY_EPOCHS))
 
 
-def tiny_step_config():
-    from han_jax.train import prepare
+@functools.lru_cache(maxsize=1)
+def tiny_run_config() -> configs.Config:
+    """:func:`tiny_config` as ``train`` resolves it (model layout from the data): what its steps compile for."""
+    from han_jax.runs import prepare
 
     return prepare(tiny_config())[1]

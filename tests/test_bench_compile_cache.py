@@ -10,7 +10,7 @@ import numpy as np
 
 from han_jax.data import build_datasets, iterate_batches, make_world
 from han_jax.steps import create_train_state, jit_steps
-from tests.helpers import tiny_config, tiny_step_config
+from tests.helpers import tiny_config, tiny_run_config
 
 
 def _batch_size_with_partial_last_batch(n: int) -> int:
@@ -21,7 +21,7 @@ def test_eval_and_train_compile_once_per_epoch():
     # The tiny CLI configuration, so the compiled steps are shared with the other tests.
     dcfg = tiny_config().data
     ds = build_datasets(make_world(dcfg), dcfg)
-    cfg = tiny_step_config()
+    cfg = tiny_run_config()
     steps = jit_steps(cfg)
 
     bs = _batch_size_with_partial_last_batch(len(ds.val))

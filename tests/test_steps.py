@@ -8,14 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from han_jax.config import AggregateConfig, ModelConfig, OptimConfig
-from han_jax.steps import StepConfig, create_train_state, jit_steps, pmap_steps
-from han_jax.train import replicate
-from tests.helpers import random_batch, tiny_step_config
+from han_jax.config import AggregateConfig, OptimConfig, StepConfig, TrainConfig
+from han_jax.runs import replicate
+from han_jax.steps import create_train_state, jit_steps, pmap_steps
+from han_jax.testing import random_batch
+from tests.helpers import tiny_run_config
 
 # The step configuration of the tiny CLI run (tests/test_train.py): compiled steps are
 # cached per configuration and shape, so both files share one compilation of each step.
-CFG = tiny_step_config()
+CFG = tiny_run_config()
 MODEL = CFG.model
 B, T, M = 8, 60, 3
 
@@ -37,8 +38,10 @@ def _host(tree):
 def test_shared_path_gives_identical_metrics_in_every_phase(state, batch):
     steps = jit_steps(CFG)
     _, train_m = steps.train_deterministic(state, *batch)
-    eval_m = steps.eval(state, *batch)
-    test_m, preds = steps.test(state, *batch)
+    eval_out, test_out = steps.eval(state, *batch), steps.test(state, *batch)
+    eval_m, test_m, preds = eval_out.metrics, test_out.metrics, test_out.predictions
+    assert eval_out.predictions == {}  # one return shape: EvalOutput(metrics, statistics, predictions)
+    chex.assert_trees_all_close(_host(eval_out.statistics), _host(test_out.statistics), rtol=0, atol=0)
     # Same keys: train only adds what only training has.
     assert set(eval_m) == set(test_m)
     assert set(train_m) - set(eval_m) == {"objective", "temporal_reg", "learning_rate", "skipped_step", "grad_norm",
@@ -49,8 +52,11 @@ def test_shared_path_gives_identical_metrics_in_every_phase(state, batch):
                 "regime_accuracy", "regime_balanced_accuracy", "casualty_mae", "anomaly_mse", "forecast_mse",
                 "transition_positives", "high_obs/weighted_total", "low_obs/weighted_total"):
         assert key in eval_m, key
-    for task in CFG.aggregate.task_names:
-        assert f"loss/{task}" in eval_m and f"weight/{task}" in eval_m
+    for task in CFG.step.aggregate.task_names:
+        assert f"loss/{task}" in eval_m and f"weight/{task}" in eval_m and f"contribution/{task}" in eval_m
+    np.testing.assert_allclose(float(eval_m["data_term"] + eval_m["uncertainty_term"]),
+                               sum(float(eval_m[f"contribution/{t}"]) for t in CFG.step.aggregate.task_names),
+                               rtol=1e-5)
     assert float(eval_m["n_rows"]) == 7.0
     np.testing.assert_allclose(float(eval_m["weighted_total"]),
                                float(eval_m["data_term"] + eval_m["uncertainty_term"] + eval_m["reg_term"]), rtol=1e-6)
@@ -73,6 +79,7 @@ def test_train_step_updates_and_dropout_changes_outputs(state, batch):
     _, m_drop = steps.train(jax.tree_util.tree_map(jnp.copy, state), *batch)  # train donates its state
     assert float(m_drop["weighted_total"]) != float(m["weighted_total"])
 
+
 def test_pmap_four_devices_equals_one_device(state, batch):
     n = 4
     inputs, targets = batch
@@ -90,9 +97,10 @@ def test_pmap_four_devices_equals_one_device(state, batch):
     chex.assert_trees_all_close(first(_host(p_state.params)), _host(single_state.params), rtol=1e-4, atol=2e-5)
     chex.assert_trees_all_close(first(_host(p_state.log_vars)), _host(single_state.log_vars), rtol=1e-6, atol=1e-7)
     # eval/test: the same metrics too
-    p_eval = pmap_steps(CFG).eval(rep, jax.tree_util.tree_map(shard, inputs), jax.tree_util.tree_map(shard, targets))
-    chex.assert_trees_all_close(first(_host(p_eval)), _host(jit_steps(CFG).eval(state, inputs, targets)),
-                                rtol=2e-5, atol=1e-6)
+    p_eval = pmap_steps(CFG).eval(rep, jax.tree_util.tree_map(shard, inputs),
+                                  jax.tree_util.tree_map(shard, targets))
+    one_eval = jit_steps(CFG).eval(state, inputs, targets)
+    chex.assert_trees_all_close(first(_host(p_eval.metrics)), _host(one_eval.metrics), rtol=2e-5, atol=1e-6)
 
 
 def test_nan_in_one_task_is_excluded_and_params_stay_finite(state, batch):
@@ -118,7 +126,9 @@ def test_non_finite_gradients_skip_the_update(state, batch):
     new_state, m = jit_steps(CFG).train_deterministic(poisoned, *batch)
     assert float(m["skipped_step"]) == 1.0
     chex.assert_trees_all_equal(_host(new_state.params), _host(poisoned.params))
-    chex.assert_trees_all_equal(_host(new_state.opt_state), _host(poisoned.opt_state))
+    # optax.apply_if_finite: the moments and the accumulation inside are untouched; it counts the skip.
+    chex.assert_trees_all_equal(_host(new_state.opt_state.inner_state), _host(poisoned.opt_state.inner_state))
+    assert int(new_state.opt_state.total_notfinite) == int(poisoned.opt_state.total_notfinite) + 1
     chex.assert_trees_all_equal(_host(new_state.log_vars), _host(poisoned.log_vars))
     assert int(new_state.step) == int(poisoned.step) + 1
 
@@ -131,14 +141,17 @@ def test_accumulating_four_micro_batches_equals_one_step_on_the_whole_batch(batc
     inputs, targets = batch
     targets = targets.replace(sample_mask=np.ones(B, bool), phase_valid=np.ones(B, bool),
                               casualty_valid=np.ones(B, bool))
-    base = dict(model=MODEL, aggregate=AggregateConfig(task_names=tasks))
-    one = StepConfig(**base, optim=OptimConfig(accumulation_steps=1, warmup_epochs=0, num_epochs=5))
-    four = StepConfig(**base, optim=OptimConfig(accumulation_steps=4, warmup_epochs=0, num_epochs=5))
+    def config(accumulation_steps):
+        step = StepConfig(aggregate=AggregateConfig(task_names=tasks),
+                          optim=OptimConfig(accumulation_steps=accumulation_steps, warmup_epochs=0))
+        return CFG.replace(step=step, train=TrainConfig(epochs=5))
+
+    one, four = config(1), config(4)
     s1 = create_train_state(jax.random.PRNGKey(1), one, inputs)
     s4 = create_train_state(jax.random.PRNGKey(1), four, inputs)
     s1, _ = jit_steps(one).train_deterministic(s1, inputs, targets)
     for i in range(4):
-        part = jax.tree_util.tree_map(lambda x: x[2 * i:2 * i + 2], (inputs, targets))
+        part = jax.tree_util.tree_map(lambda x, i=i: x[2 * i:2 * i + 2], (inputs, targets))
         before = s4.params
         s4, _ = jit_steps(four).train_deterministic(s4, *part)
         if i < 3:
@@ -151,13 +164,13 @@ def test_accumulating_four_micro_batches_equals_one_step_on_the_whole_batch(batc
 def test_learning_rate_schedule_is_the_originals():
     from han_jax.steps import learning_rate_schedule
 
-    sched = learning_rate_schedule(OptimConfig())  # lr 1e-4, warmup 10 epochs of 200, min 1e-6
+    sched = learning_rate_schedule(OptimConfig(), num_epochs=200)  # lr 1e-4, warmup 10 epochs of 200, min 1e-6
     np.testing.assert_allclose(float(sched(0)), 1e-6, rtol=1e-5)  # lr * 0.01
     np.testing.assert_allclose(float(sched(5)), 1e-6 + 0.5 * (1e-4 - 1e-6), rtol=1e-5)
     np.testing.assert_allclose(float(sched(10)), 1e-4, rtol=1e-5)
     np.testing.assert_allclose(float(sched(105)), 1e-6 + (1e-4 - 1e-6) * 0.5, rtol=1e-4)
     np.testing.assert_allclose(float(sched(200)), 1e-6, rtol=1e-4)
-    short = learning_rate_schedule(OptimConfig(num_epochs=3))  # effective warmup min(10, max(1, 2)) = 2
+    short = learning_rate_schedule(OptimConfig(), num_epochs=3)  # effective warmup min(10, max(1, 2)) = 2
     np.testing.assert_allclose(float(short(1)), 1e-6 + 0.5 * (1e-4 - 1e-6), rtol=1e-5)
 
 
@@ -168,19 +181,79 @@ def test_train_only_temporal_regulariser_and_source_dropout(batch):
 
     reg = RegularizationConfig(temporal_reg=True, source_dropout=True, source_dropout_prob=1.0,
                                source_dropout_sources=("hdx_conflict",))
-    cfg = dataclasses.replace(CFG, model=dataclasses.replace(MODEL, dropout=0.0), regularization=reg)
+    cfg = CFG.replace(model=dataclasses.replace(MODEL, dropout=0.0),
+                      step=dataclasses.replace(CFG.step, regularization=reg))
     inputs, targets = batch
     state = create_train_state(jax.random.PRNGKey(2), cfg, inputs)
     steps = jit_steps(cfg)
     _, m = steps.train(jax.tree_util.tree_map(jnp.copy, state), inputs, targets)
     assert float(m["temporal_reg"]) > 0
     np.testing.assert_allclose(float(m["objective"]), float(m["weighted_total"] + m["temporal_reg"]), rtol=1e-6)
-    dropped = inputs.replace(
-        monthly_features={**inputs.monthly_features, "hdx_conflict": np.zeros_like(inputs.monthly_features["hdx_conflict"])},
-        monthly_masks={**inputs.monthly_masks, "hdx_conflict": np.zeros_like(inputs.monthly_masks["hdx_conflict"])},
-    )
+    zeroed = lambda arrays: {**arrays, "hdx_conflict": np.zeros_like(arrays["hdx_conflict"])}
+    dropped = inputs.replace(monthly_features=zeroed(inputs.monthly_features),
+                             monthly_masks=zeroed(inputs.monthly_masks))
     # With model dropout 0, train sees exactly what eval sees on the dropped inputs ...
-    np.testing.assert_allclose(float(m["weighted_total"]), float(steps.eval(state, dropped, targets)["weighted_total"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(m["weighted_total"]),
+                               float(steps.eval(state, dropped, targets).metrics["weighted_total"]), rtol=1e-5)
     # ... and eval itself never drops a source.
-    assert float(steps.eval(state, inputs, targets)["weighted_total"]) != float(m["weighted_total"])
+    assert float(steps.eval(state, inputs, targets).metrics["weighted_total"]) != float(m["weighted_total"])
+
+
+def test_optax_owns_the_schedule_in_both_units(state, batch):
+    """Epoch unit: start_epoch writes the epoch's rate into the optimiser state (the original's
+    per-epoch scheduler.step()) and drops a partial accumulation; step unit: optax evaluates the
+    schedule at each update."""
+    from han_jax.steps import current_learning_rate, learning_rate_schedule
+
+    steps = jit_steps(CFG)
+    sched = learning_rate_schedule(CFG.step.optim, num_epochs=CFG.train.epochs)
+    s = steps.start_epoch(jax.tree_util.tree_map(jnp.copy, state), jnp.int32(2))
+    np.testing.assert_allclose(float(current_learning_rate(s.opt_state)), float(sched(2)), rtol=1e-6)
+    s, m = steps.train_deterministic(s, *batch)
+    np.testing.assert_allclose(float(m["learning_rate"]), float(sched(2)), rtol=1e-6)
+
+    step_cfg = CFG.replace(step=dataclasses.replace(
+        CFG.step, optim=dataclasses.replace(CFG.step.optim, schedule_unit="step", accumulation_steps=2)))
+    step_sched = learning_rate_schedule(step_cfg.step.optim, num_epochs=step_cfg.train.epochs)
+    s = create_train_state(jax.random.PRNGKey(0), step_cfg, batch[0])
+    rates = []
+    for _ in range(4):
+        s, m = jit_steps(step_cfg).train_deterministic(s, *batch)
+        rates.append(float(m["learning_rate"]))
+    # Updates land on micro-batches 2 and 4, at the schedule's values for updates 0 and 1.
+    np.testing.assert_allclose(rates[1], float(step_sched(0)), rtol=1e-6)
+    np.testing.assert_allclose(rates[3], float(step_sched(1)), rtol=1e-6)
+    assert int(s.opt_state.inner_state.gradient_step) == 2
+    half = jit_steps(step_cfg).train_deterministic(s, *batch)[0]
+    assert int(half.opt_state.inner_state.mini_step) == 1
+    reset = jit_steps(step_cfg).start_epoch(half, jnp.int32(1))
+    assert int(reset.opt_state.inner_state.mini_step) == 0
+    chex.assert_trees_all_equal(_host(reset.opt_state.inner_state.acc_grads),
+                                jax.tree_util.tree_map(np.zeros_like, _host(half.opt_state.inner_state.acc_grads)))
+
+
+def test_split_statistics_of_pieces_give_the_whole_batch_metrics(state, batch):
+    """eval_step's statistics, merged over pieces of a batch, give that batch's own metrics, and one
+    batch accumulated then finalised equals the step's metrics (one definition for both)."""
+    from han_jax.metrics import SplitAccumulator, to_host_metrics
+
+    steps = jit_steps(CFG)
+    whole = steps.eval(state, *batch)
+    one = SplitAccumulator()
+    one.update(whole.statistics)
+    expected = to_host_metrics(whole.metrics)
+    inputs, targets = batch
+    pieces = SplitAccumulator()
+    for lo, hi in ((0, 3), (3, 4), (4, 8)):  # uneven pieces, the last holds the padding row
+        mask = np.zeros(B, bool)
+        mask[lo:hi] = True
+        part = targets.replace(sample_mask=np.asarray(targets.sample_mask) & mask)
+        pieces.update(steps.eval(state, inputs, part).statistics)
+    for acc in (one, pieces):
+        got = acc.result(state.log_vars, CFG)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            if value is None:
+                assert got[key] is None, key
+            else:
+                np.testing.assert_allclose(got[key], value, rtol=2e-5, atol=1e-6, err_msg=key)

@@ -4,13 +4,11 @@ import json
 import os
 
 import chex
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from han_jax.cli import main
-
 from tests.helpers import TINY_EPOCHS
 
 EPOCHS = str(TINY_EPOCHS)
@@ -41,7 +39,8 @@ def test_cli_run_writes_every_file_with_comparable_phases(full_run):
     assert [(r["epoch"], r["phase"]) for r in rows] == [(e, p) for e in range(3) for p in ("train", "val", "test")]
     keys = {tuple(sorted(r["metrics"])) for r in rows}
     assert len(keys) == 1, "every phase must report the same metric keys"
-    assert {"weighted_total", "simple_total", "loss/regime", "weight/casualty", "high_obs/weighted_total"} <= set(rows[0]["metrics"])
+    assert {"weighted_total", "simple_total", "loss/regime", "weight/casualty",
+            "high_obs/weighted_total"} <= set(rows[0]["metrics"])
     assert {"objective", "learning_rate", "skipped_step"} <= set(rows[0]["extra"])
     summary = json.load(open(os.path.join(full_run, "summary.json")))
     assert set(summary["final"]) == {"train", "val", "test"}
@@ -87,3 +86,55 @@ def test_audit_passes_and_shows_the_decomposition(capsys):
 def test_bad_override_names_the_field():
     with pytest.raises(SystemExit, match="d_modle"):
         main(["audit", "--preset", "tiny", "--set", "model.d_modle=3"])
+
+
+def test_summary_and_metrics_carry_baselines_skill_and_target_counts(full_run):
+    summary = json.load(open(os.path.join(full_run, "summary.json")))
+    for split, m in summary["final"].items():
+        for key in ("baseline/regime_balanced_accuracy", "baseline/forecast_persistence_mse",
+                    "baseline/forecast_climatology_mse", "forecast_next_mse", "skill/regime", "skill/forecast",
+                    "targets/regime", "targets/daily_forecast"):
+            assert key in m, (split, key)
+        assert m["targets/daily_forecast"] == 0  # the tiny preset's latent daily forecast has no targets
+        best = min(m["baseline/forecast_persistence_mse"], m["baseline/forecast_climatology_mse"])
+        np.testing.assert_allclose(m["skill/forecast"], 1 - m["forecast_next_mse"] / best, rtol=1e-9)
+        np.testing.assert_allclose(m["skill/regime"], 1 - (1 - m["regime_balanced_accuracy"])
+                                   / (1 - m["baseline/regime_balanced_accuracy"]), rtol=1e-9)
+    rows = _rows(full_run)
+    assert all("skill/forecast" in r["metrics"] for r in rows)
+
+
+def test_evaluate_gives_the_same_numbers_at_any_batch_size_and_device_count(full_run, tmp_path):
+    """Exact split metrics: batch size 1, 3 and one batch holding the whole (largest) split, and
+    4 pmap devices, agree to float rounding on every metric of every split."""
+    results = {}
+    for name, extra in (("b1", ["--batch-size", "1"]), ("b3", ["--batch-size", "3"]),
+                        ("whole", ["--batch-size", "151"]), ("dev4", ["--batch-size", "4", "--devices", "4"])):
+        out = str(tmp_path / f"{name}.json")
+        assert main(["evaluate", "--run-dir", full_run, "--out", out] + extra) == 0
+        results[name] = json.load(open(out))
+    summary = json.load(open(os.path.join(full_run, "summary.json")))
+    assert results["whole"]["train"]["n_rows"] == summary["dataset_sizes"]["train"] == 151
+    reference = results["whole"]
+    for name, result in results.items():
+        for split in ("train", "val", "test"):
+            assert result[split].keys() == reference[split].keys()
+            for key, value in reference[split].items():
+                got = result[split][key]
+                if value is None:
+                    assert got is None, (name, split, key)
+                else:
+                    np.testing.assert_allclose(got, value, rtol=2e-5, atol=1e-6, err_msg=f"{name} {split} {key}")
+    # The run's own final scoring (batch size 8) is the same evaluation.
+    for split in ("val", "test"):
+        np.testing.assert_allclose(summary["final"][split]["weighted_total"], reference[split]["weighted_total"],
+                                   rtol=2e-5)
+
+
+def test_collapse_warning_speaks_only_of_tasks_with_targets():
+    from han_jax.train import collapse_warning
+
+    metrics = {"loss/regime": 0.5, "targets/regime": 10.0, "loss/anomaly": 1e-6, "targets/anomaly": 0.0,
+               "loss/forecast": 2e-4, "targets/forecast": 30.0}
+    assert collapse_warning(metrics) == "COLLAPSE WARNING: task losses below 0.001: forecast=0.000200"
+    assert collapse_warning({**metrics, "loss/forecast": 0.5}) is None

@@ -1,0 +1,45 @@
+"""The configuration root: presets build on each other, config.json round-trips exactly."""
+
+import dataclasses
+import json
+
+import pytest
+
+from han_jax import config as configs
+from han_jax.precision import Policy
+
+
+@pytest.mark.parametrize("preset", sorted(configs.PRESETS))
+def test_every_preset_round_trips_through_json(preset):
+    config = configs.get_config(preset)
+    text = json.dumps(configs.config_to_dict(config))
+    again = configs.config_from_dict(json.loads(text))
+    assert again == config and hash(again) == hash(config)
+
+
+def test_round_trip_keeps_types_a_jitted_step_hashes_on():
+    config = configs.tiny().replace(step=configs.StepConfig(
+        policy=Policy.from_string("params=float32,compute=bfloat16,output=bfloat16")))
+    config = config.replace(data=dataclasses.replace(config.data, daily_sources=("personnel", ("drones", 9))))
+    again = configs.config_from_dict(json.loads(json.dumps(configs.config_to_dict(config))))
+    assert again == config
+    assert isinstance(again.step.policy, Policy) and again.step.policy.name == config.step.policy.name
+    assert again.data.daily_sources == ("personnel", ("drones", 9))  # tuples, not lists
+    assert isinstance(again.model.daily_sources[0], tuple)
+
+
+def test_presets_build_on_each_other():
+    default, small, tiny = configs.default(), configs.small(), configs.tiny()
+    assert default == configs.Config()
+    assert small.model == configs.ModelConfig.small()
+    assert small.step.optim == dataclasses.replace(default.step.optim, learning_rate=1e-3, warmup_epochs=1,
+                                                   accumulation_steps=1)
+    assert tiny.step == small.step and tiny.model == dataclasses.replace(small.model, d_model=16, nhead=2)
+    assert tiny.data == configs.DataConfig.small()
+
+
+def test_unknown_field_is_named():
+    data = configs.config_to_dict(configs.tiny())
+    data["step"]["optim"]["learning_rat"] = 1.0
+    with pytest.raises(ValueError, match=r"config\.step\.optim: unknown field\(s\) \['learning_rat'\]"):
+        configs.config_from_dict(data)
