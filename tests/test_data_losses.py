@@ -96,3 +96,23 @@ def test_full_real_data():
     auto = build_datasets(make_world(DataConfig.losses(SHARED)), DataConfig.losses(SHARED, val_sample_stride=None))
     assert auto.info["anchors"] == {"train": 621, "val": 10, "test": 10}
     assert auto.val.stride == 23 and auto.test.stride == 23
+
+
+def test_valid_fatalities_csv_end_to_end(tmp_path):
+    """targets_fatalities.csv supplies the casualty targets (it used to crash the loader)."""
+    import shutil
+
+    csv_dir = tmp_path / "monthly"
+    shutil.copytree(CSV_DIR, csv_dir)
+    months = [f"2022-{m:02d}" for m in range(2, 13)] + [f"2023-{m:02d}" for m in range(1, 10)]
+    values = {m: 1000 + 37 * i for i, m in enumerate(months) if m != "2022-09"}  # one month missing
+    (csv_dir / "targets_fatalities.csv").write_text(
+        "date,fatalities\n" + "".join(f"{m},{v}\n" for m, v in values.items()))
+    w = load_losses_world(FIXTURE, str(csv_dir))
+    assert _report(w, "casualty targets from", "targets_fatalities.csv", f"{len(values)} valid months")
+    assert not _report(w, "the original's input/target leakage")  # the CSV wins over hdx_conflict's column
+    ds = build_datasets(w, DataConfig.losses(FIXTURE, str(csv_dir), daily_seq_len=60, monthly_seq_len=3))
+    tr = ds.train.targets
+    assert tr["casualty_valid"].any() and not tr["casualty_valid"].all()
+    got = {float(v) for v, ok in zip(tr["fatalities"], tr["casualty_valid"]) if ok}
+    assert got <= {float(v) for v in values.values()}, "targets must come from the CSV"

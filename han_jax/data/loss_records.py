@@ -358,6 +358,14 @@ def _fatality_targets(dates, fatalities: np.ndarray, origin: str) -> MonthTarget
     return MonthTargets(dates, np.nan_to_num(fatalities), ~np.isnan(fatalities))
 
 
+def _target_column(path: str, column: str, *, monthly: bool):
+    """(dates, values) of one target CSV's ``column``; a missing column is an error naming the file."""
+    d, feats, v = _read_csv(path, monthly=monthly)
+    if column not in feats:
+        raise DataError(f"{path}: no '{column}' column in {list(feats)}; expected date,{column}")
+    return d, v[:, feats.index(column)]
+
+
 def _read_monthly_dir(directory: Optional[str], report):
     monthly: Dict[str, SourceTable] = {}
     if directory is None:
@@ -376,10 +384,7 @@ def _read_monthly_dir(directory: Optional[str], report):
     month_t = None
     fpath = os.path.join(directory, TARGET_FATALITIES)
     if os.path.exists(fpath):
-        d, feats, v = _read_csv(fpath, monthly=True)
-        if "fatalities" not in feats:
-            raise DataError(f"{fpath}: no 'fatalities' column in {list(feats)}; expected date,fatalities")
-        fatalities = v[:, feats.index("fatalities")]
+        d, fatalities = _target_column(fpath, "fatalities", monthly=True)
         month_t = _fatality_targets(d, fatalities, fpath)
         note(report, f"casualty targets from {fpath}: {int((~np.isnan(fatalities)).sum())} valid months")
     elif "hdx_conflict" in monthly and "fatalities" in monthly["hdx_conflict"].feature_names:
@@ -390,9 +395,6 @@ def _read_monthly_dir(directory: Optional[str], report):
     radiance = None
     vpath = os.path.join(directory, TARGET_VIIRS)
     if os.path.exists(vpath):
-        d, feats, v = _read_csv(vpath, monthly=False)
-        if "radiance_mean" not in feats:
-            raise DataError(f"{vpath}: no 'radiance_mean' column in {list(feats)}; expected date,radiance_mean")
-        radiance = (d, v[:, feats.index("radiance_mean")])
+        radiance = _target_column(vpath, "radiance_mean", monthly=False)
         note(report, f"VIIRS anomaly targets from {vpath}: {len(d)} days")
     return monthly, month_t, radiance
