@@ -107,12 +107,20 @@ def test_summary_and_metrics_carry_baselines_skill_and_target_counts(full_run):
 def test_evaluate_gives_the_same_numbers_at_any_batch_size_and_device_count(full_run, tmp_path):
     """Exact split metrics: batch size 1, 3 and one batch holding the whole (largest) split, and
     4 pmap devices, agree to float rounding on every metric of every split."""
-    results = {}
-    for name, extra in (("b1", ["--batch-size", "1"]), ("b3", ["--batch-size", "3"]),
-                        ("whole", ["--batch-size", "151"]), ("dev4", ["--batch-size", "4", "--devices", "4"])):
-        out = str(tmp_path / f"{name}.json")
-        assert main(["evaluate", "--run-dir", full_run, "--out", out] + extra) == 0
-        results[name] = json.load(open(out))
+    import subprocess
+    import sys
+
+    runs = (("b1", ["--batch-size", "1"]), ("b3", ["--batch-size", "3"]), ("whole", ["--batch-size", "151"]),
+            ("dev4", ["--batch-size", "4", "--devices", "4"]))
+    # As a user runs it, in a fresh process (the 4 host devices come from conftest's XLA_FLAGS):
+    # one process for the four evaluations, so they share its start and the model's init.
+    calls = [["evaluate", "--run-dir", full_run, "--out", str(tmp_path / f"{name}.json")] + extra
+             for name, extra in runs]
+    script = "import sys; from han_jax.cli import main; sys.exit(max(main(a) for a in %r))" % (calls,)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exact split metrics" in done.stdout
+    results = {name: json.load(open(tmp_path / f"{name}.json")) for name, _ in runs}
     summary = json.load(open(os.path.join(full_run, "summary.json")))
     assert results["whole"]["train"]["n_rows"] == summary["dataset_sizes"]["train"] == 151
     reference = results["whole"]
