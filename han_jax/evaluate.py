@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from han_jax.baselines import Baselines, baseline_metrics, fit_baselines, skill, split_targets
+from han_jax.baselines import baseline_metrics, fit_baselines, skill, split_targets
 from han_jax.config import TASK_NAMES, Config, config_from_dict
 from han_jax.data import Datasets, SplitData, iterate_batches
 from han_jax.metrics import SplitAccumulator, forecast_sources
@@ -27,18 +27,22 @@ from han_jax.steps import jit_steps, pmap_steps
 SPLITS = ("train", "val", "test")
 
 
-def fit_split_baselines(datasets: Datasets, config: Config) -> Baselines:
-    """The naive forecasters, fitted on the training split only."""
-    return fit_baselines(split_targets(datasets.train), n_regime_classes=config.model.n_regime_classes,
-                         phase_to_coarse=config.step.loss.phase_to_coarse)
+def split_baselines(datasets: Datasets, config: Config) -> dict:
+    """``{split: baseline metrics}``: the naive forecasters, fitted on the training split only.
+
+    They do not depend on the model, so a run computes them once and reuses them
+    every epoch (:func:`with_baselines`).
+    """
+    kw = dict(n_regime_classes=config.model.n_regime_classes, phase_to_coarse=config.step.loss.phase_to_coarse)
+    baselines = fit_baselines(split_targets(datasets.train), **kw)
+    return {name: baseline_metrics(baselines, split_targets(getattr(datasets, name)),
+                                   forecast_sources=forecast_sources(config.model), **kw)
+            for name in SPLITS}
 
 
-def with_baselines(metrics: Mapping, baselines: Baselines, split: SplitData, config: Config) -> dict:
+def with_baselines(metrics: Mapping, baselines: Mapping) -> dict:
     """``metrics`` plus the baselines' numbers on the same split and the model's skill against them."""
-    out = dict(metrics)
-    out.update(baseline_metrics(baselines, split_targets(split), n_regime_classes=config.model.n_regime_classes,
-                                phase_to_coarse=config.step.loss.phase_to_coarse,
-                                forecast_sources=forecast_sources(config.model)))
+    out = {**metrics, **baselines}
     out.update(skill(out))
     return out
 
@@ -80,15 +84,18 @@ def evaluate_split(step_fn, state, split: SplitData, batch_size: int, *, config:
 
 
 def score_splits(state, datasets: Datasets, config: Config, batch_size: int, *, num_devices: int = 1,
-                 baselines: Optional[Baselines] = None) -> dict:
-    """``{split: metrics}`` for train, val and test through the test step, with baselines and skill."""
+                 baselines: Optional[Mapping] = None) -> dict:
+    """``{split: metrics}`` for train, val and test through the test step, with baselines and skill.
+
+    ``baselines``: :func:`split_baselines`' output, if the caller already has it.
+    """
     steps = pmap_steps(config) if num_devices > 1 else jit_steps(config)
-    baselines = fit_split_baselines(datasets, config) if baselines is None else baselines
+    baselines = split_baselines(datasets, config) if baselines is None else baselines
     out = {}
     for name in SPLITS:
         split = getattr(datasets, name)
         metrics, _ = evaluate_split(steps.test, state, split, batch_size, config=config, num_devices=num_devices)
-        out[name] = with_baselines(metrics, baselines, split, config)
+        out[name] = with_baselines(metrics, baselines[name])
     return out
 
 

@@ -24,9 +24,9 @@ from han_jax.data import iterate_batches, num_batches
 from han_jax.evaluate import (
     evaluate_split,
     fallback_tasks,
-    fit_split_baselines,
     metrics_table,
     score_splits,
+    split_baselines,
     with_baselines,
 )
 from han_jax.metrics import MetricAccumulator
@@ -126,7 +126,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
         os.remove(metrics_path)
 
     steps = pmap_steps(config) if tc.num_devices > 1 else jit_steps(config)
-    baselines = fit_split_baselines(datasets, config)
+    baselines = split_baselines(datasets, config)
     if tc.num_devices > 1:
         state = replicate(state, tc.num_devices)
     to_host = unreplicate if tc.num_devices > 1 else (lambda s: s)
@@ -140,11 +140,11 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
                                            num_devices=tc.num_devices, seed=tc.seed, epoch=epoch, progress=bar)
         bar.close()
         train_m["samples_per_second"] = train_m["n_rows"] / secs
-        phases = {"train": with_baselines(train_m, baselines, datasets.train, config)}
+        phases = {"train": with_baselines(train_m, baselines["train"])}
         for name in ("val", "test") if tc.score_test_each_epoch else ("val",):
             split = getattr(datasets, name)
             m, _ = evaluate_split(steps.eval, state, split, tc.batch_size, config=config, num_devices=tc.num_devices)
-            phases[name] = with_baselines(m, baselines, split, config)
+            phases[name] = with_baselines(m, baselines[name])
         train_m, val_m = phases["train"], phases["val"]
         improved = val_m["weighted_total"] < best_val
         if improved:
