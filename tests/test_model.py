@@ -391,3 +391,18 @@ def test_full_default_forward():
     chex.assert_shape(out["source_importance"], (2, 12, 5))
     chex.assert_shape(out["daily_forecast_pred"], (2, 7, 128))
     chex.assert_tree_all_finite(out)
+
+
+def test_residual_forecast_adds_the_current_months_observed_inputs(small):
+    _, variables, inputs, apply_det = small
+    residual = MultiResolutionHAN(config=dataclasses.replace(SMALL, forecast_residual=True), policy=Policy())
+    # Unobserved inputs add nothing, whatever value the padding holds.
+    padded = inputs.replace(monthly_features={n: jnp.where(inputs.monthly_masks[n], x, 99.0)
+                                              for n, x in inputs.monthly_features.items()})
+    got = jax.jit(lambda v, x: residual.apply(v, x, deterministic=True))(variables, padded)
+    want = apply_det(variables, inputs)
+    current = jnp.concatenate([jnp.where(inputs.monthly_masks[n], inputs.monthly_features[n], 0.0)
+                               for n, _ in SMALL.monthly_sources], axis=-1)
+    chex.assert_trees_all_close(got["forecast_pred"], want["forecast_pred"] + current, atol=1e-5)
+    chex.assert_trees_all_close({k: v for k, v in got.items() if k != "forecast_pred"},
+                                {k: v for k, v in want.items() if k != "forecast_pred"}, atol=1e-6)

@@ -38,6 +38,9 @@ Deliberate differences from the original:
   (``c = z[:, -1]``, per the spec). The original passes the whole [B, M, D]
   sequence to LatentStatePredictor, whose ``cat`` with a [B, D] horizon embedding
   cannot work on a 3-D input; the documented output shape [B, 7, D] needs this.
+- ``ModelConfig.forecast_residual`` (off by default, on in the ``small`` preset)
+  adds the current month's inputs to the monthly forecast head's output, so the
+  head predicts the change (see the field's comment for the measured reason).
 """
 
 from __future__ import annotations
@@ -192,6 +195,10 @@ class MultiResolutionHAN(nn.Module, kw_only=True):
         out["forecast_pred"] = mlp_head(hidden2=hid, out=cfg.n_monthly_features, name="forecast_head")(
             z, deterministic=det
         )
+        if cfg.forecast_residual:
+            # Position m forecasts month m + 1 in the same normalised units as the inputs.
+            current = jnp.concatenate(m_feats, axis=-1).astype(out["forecast_pred"].dtype)
+            out["forecast_pred"] = out["forecast_pred"] + current
         if cfg.use_latent_forecast:
             out["daily_forecast_pred"] = LatentStatePredictor(
                 d_model=d, horizon=cfg.daily_forecast_horizon, hidden=hid, dropout=cfg.dropout, policy=pol,
