@@ -1,4 +1,4 @@
-"""``han-jax train`` and ``han-jax audit``.
+"""``han-jax train``, ``audit``, ``evaluate``, ``predict`` and ``import-torch``.
 
 Any configuration value can be overridden with ``--set section.field=value``
 (e.g. ``--set model.d_model=64 --set step.optim.learning_rate=3e-4``); the
@@ -99,6 +99,8 @@ def build_config(args):
                         ("seed", "seed"), ("devices", "num_devices")):
         if getattr(args, flag, None) is not None:
             train_kw[field] = getattr(args, flag)
+    if getattr(args, "no_tensorboard", False):
+        train_kw["tensorboard"] = False
     if train_kw:
         config = config.replace(train=dataclasses.replace(config.train, **train_kw))
     if getattr(args, "policy", None):
@@ -202,6 +204,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    """A saved run's predictions for every anchor in a date range of (new) data, with its saved normalisation."""
+    from han_jax.config import DataConfig
+    from han_jax.predict import predict_run
+
+    overrides = {}
+    if args.data == "losses":
+        shared = os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
+        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir or shared))
+    elif args.data == "synthetic":
+        overrides.update(source="synthetic")
+    elif args.losses_dir:
+        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir))
+    if args.monthly_csv_dir:
+        overrides.update(monthly_csv_dir=os.path.abspath(args.monthly_csv_dir))
+    for item in args.set or []:
+        # Only the data section: the model, the steps and the windows are the run's.
+        path, sep, value = item.partition("=")
+        parts = path.strip().split(".")
+        if len(parts) != 2 or parts[0] != "data" or not sep:
+            raise SystemExit(f"--set {item!r}: expected data.field=value (predict changes only where the data is)")
+        overrides[parts[1]] = getattr(_set_path(DataConfig(), parts[1:], value, path), parts[1])
+    predict_run(args.run_dir, checkpoint=args.checkpoint, data_overrides=overrides, date_from=args.date_from,
+                date_to=args.date_to, out=args.out, plot=args.plot, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_import_torch(args) -> int:
+    """A run folder from a checkpoint of the original PyTorch trainer."""
+    from han_jax.torch_import import CheckpointFormatError, CheckpointMismatch, import_run, read_torch_checkpoint
+
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"import-torch: {args.checkpoint}: no such file; expected a .pt written by the original")
+    if os.path.exists(os.path.join(args.run_dir, "checkpoints")):
+        raise SystemExit(f"import-torch: {args.run_dir} already holds checkpoints; expected a new run folder")
+    config = build_config(args)
+    try:
+        checkpoint = read_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+        import_run(checkpoint, args.run_dir, config)
+    except ImportError as e:
+        raise SystemExit(f"import-torch: {e}") from None
+    except (CheckpointMismatch, CheckpointFormatError) as e:
+        raise SystemExit(f"import-torch: {args.checkpoint}: {e}") from None
+    print(f"evaluate it with: han-jax evaluate --run-dir {args.run_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="han-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from run-dir's latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar (CI)")
     p.add_argument("--stop-after-epoch", type=int, help="end after this epoch's checkpoint (resume later)")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard event files (written to RUN_DIR/tensorboard when tensorboardX is installed)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("audit", help="prove train/eval/test share one loss path on one batch")
     _common(p)
@@ -228,6 +279,30 @@ def main(argv=None) -> int:
     p.add_argument("--losses-dir", help="score on these loss records instead of the run's data (same layout)")
     p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("predict", help="a saved run's predictions for every anchor in a date range of (new) data")
+    p.add_argument("--run-dir", required=True, help="a folder written by 'han-jax train'")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--data", choices=("synthetic", "losses"), help="the kind of data (default: the run's)")
+    p.add_argument("--losses-dir", help="directory of russia_losses_*.json (with --data losses: default "
+                                        "../shared/data/losses)")
+    p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")
+    p.add_argument("--set", action="append", metavar="data.FIELD=VALUE",
+                   help="change where the data comes from, e.g. data.n_days=400 (data fields only)")
+    p.add_argument("--from", dest="date_from", metavar="DATE", help="first anchor day YYYY-MM-DD (default: --to)")
+    p.add_argument("--to", dest="date_to", metavar="DATE", help="last anchor day (default: the data's last day)")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write (default ./predictions.csv)")
+    p.add_argument("--plot", help="the picture to write (default forecast.png beside --out)")
+    p.add_argument("--batch-size", type=int, help="rows per forward call (default: the run's)")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("import-torch", help="a run folder from a checkpoint of the original PyTorch trainer")
+    p.add_argument("checkpoint", help="the .pt file (model_state_dict, multi_task_loss_state_dict, ...)")
+    p.add_argument("--run-dir", required=True, help="the new run folder to write")
+    _common(p)
+    p.set_defaults(preset="default")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load with weights_only=False (only for files you trust; needed when the history holds "
+                        "numpy scalars)")
+    p.set_defaults(func=cmd_import_torch)
     args = parser.parse_args(argv)
     return args.func(args)
 

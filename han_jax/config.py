@@ -69,6 +69,13 @@ class ModelConfig:
     n_regime_classes: int = 4
     use_latent_forecast: bool = True
     daily_forecast_horizon: int = 7
+    # han-jax option (off = the original): the monthly forecast head predicts the
+    # change from the window's current month, ``forecast_pred = head(z) + x_month``
+    # (masked inputs count as 0). The original's head must rebuild the current value
+    # through the whole stack; on smooth monthly series "next month = this month"
+    # then beats it (README main job: iom val MSE 0.92 vs persistence 0.06). No
+    # parameters are added, so checkpoints load either way.
+    forecast_residual: bool = False
     daily_sources: SourceLayout = DAILY_SOURCES
     monthly_sources: SourceLayout = MONTHLY_SOURCES
     # Hard-coded internals of the original, kept configurable.
@@ -313,6 +320,9 @@ class TrainConfig:
     seed: int = 42
     num_devices: int = 1  # >1: pmap over that many local devices
     score_test_each_epoch: bool = True  # for the comparability plot; never used for selection
+    # TensorBoard event files (run_dir/tensorboard) with metrics.jsonl's scalars, when the
+    # optional tensorboardX is installed (pip install "han-jax[tensorboard]").
+    tensorboard: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +356,9 @@ def small() -> Config:
     """The README's main job: the embedded synthetic world, a small model, minutes on 2 CPU cores."""
     base = default()
     return base.replace(
-        model=ModelConfig.small(),  # the source layout is taken from the data
+        # The source layout is taken from the data. The residual forecast is han-jax's
+        # option (ModelConfig.forecast_residual); the default preset keeps the original.
+        model=ModelConfig.small(forecast_residual=True),
         data=dataclasses.replace(base.data, daily_seq_len=90, monthly_seq_len=4),
         step=dataclasses.replace(
             base.step,

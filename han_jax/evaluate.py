@@ -84,19 +84,26 @@ def evaluate_split(step_fn, state, split: SplitData, batch_size: int, *, config:
 
 
 def score_splits(state, datasets: Datasets, config: Config, batch_size: int, *, num_devices: int = 1,
-                 baselines: Optional[Mapping] = None) -> dict:
+                 baselines: Optional[Mapping] = None, predictions: bool = False):
     """``{split: metrics}`` for train, val and test through the test step, with baselines and skill.
 
-    ``baselines``: :func:`split_baselines`' output, if the caller already has it.
+    Args:
+      state, datasets, config, batch_size, num_devices: as for :func:`evaluate_split`.
+      baselines: :func:`split_baselines`' output, if the caller already has it.
+      predictions: also return every split's per-row test-step predictions.
+
+    Returns:
+      ``{split: metrics}``; with ``predictions``, ``({split: metrics}, {split: predictions})``.
     """
     steps = pmap_steps(config) if num_devices > 1 else jit_steps(config)
     baselines = split_baselines(datasets, config) if baselines is None else baselines
-    out = {}
+    out, rows = {}, {}
     for name in SPLITS:
         split = getattr(datasets, name)
-        metrics, _ = evaluate_split(steps.test, state, split, batch_size, config=config, num_devices=num_devices)
+        metrics, rows[name] = evaluate_split(steps.test, state, split, batch_size, config=config,
+                                             num_devices=num_devices, predictions=predictions)
         out[name] = with_baselines(metrics, baselines[name])
-    return out
+    return (out, rows) if predictions else out
 
 
 def fallback_tasks(metrics: Mapping) -> list:

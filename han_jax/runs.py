@@ -1,23 +1,52 @@
-"""Run folders: the configuration resolved against its data, and the checkpoints a run keeps.
+"""Run folders: the configuration resolved against its data, checkpoints, and loading a run back.
 
 ``prepare`` turns a configuration into the one the steps run with (the model's
 source layout from the data); :class:`Checkpoints` saves and restores the
 ``latest`` and ``best`` train states with orbax; :func:`load_checkpoint`
 restores one of them for scoring.
+
+A run folder describes itself: ``config.json`` (the whole :class:`Config`),
+``norm_stats.npz`` (the count transform and the train statistics the inputs were
+normalised with) and ``layout.json`` (sources and feature names, in order), each
+written atomically by :func:`write_run_description`, so :func:`load_run` can
+predict on new data without the training data. :func:`write_run_folder` writes a
+whole folder from a state (for states that were not trained here).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import uuid
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from han_jax.config import Config
-from han_jax.data import Datasets, build_datasets, iterate_batches, make_world, num_batches
-from han_jax.steps import TrainState, create_train_state
+from han_jax.batch import Inputs
+from han_jax.config import Config, DataConfig, config_from_dict, config_to_dict
+from han_jax.data import (
+    DataLayout,
+    Datasets,
+    InferenceWindows,
+    Normalisation,
+    World,
+    build_datasets,
+    build_inference_windows,
+    make_world,
+    num_batches,
+)
+from han_jax.steps import TrainState, create_train_state, jit_forward
+
+CONFIG_FILE = "config.json"
+NORM_STATS_FILE = "norm_stats.npz"
+LAYOUT_FILE = "layout.json"
+CHECKPOINTS = ("best", "latest")
+# DataConfig fields that shape a model's inputs: new data must be cut and scaled as the run's was.
+WINDOW_FIELDS = ("daily_seq_len", "monthly_seq_len", "prediction_horizon", "count_transform", "missing_value",
+                 "daily_sources", "monthly_sources", "daily_forecast_targets", "daily_forecast_horizon")
 
 
 def prepare(config: Config, log=None) -> tuple[Datasets, Config]:
@@ -49,8 +78,10 @@ class Checkpoints:
 
         self._ocp = ocp
         # Synchronous saves: the loop waits for each save anyway (exact resume needs it on disk).
-        opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False,
-                                            read_only=not create)
+        # Read-only managers get the values orbax would otherwise reset (with a warning each).
+        opts = ocp.CheckpointManagerOptions(max_to_keep=1 if create else None, create=create,
+                                            save_interval_steps=1 if create else 0,
+                                            enable_async_checkpointing=False, read_only=not create)
         root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=opts)
         self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=opts)
@@ -89,20 +120,216 @@ def replicate(tree, n):
     return jax.pmap(lambda x: x)(stacked)
 
 
-def load_checkpoint(run_dir: str, which: str, config: Config, datasets: Datasets) -> TrainState:
-    """The ``best`` or ``latest`` train state of a run folder, restored into ``config``'s structure."""
-    if which not in ("best", "latest"):
+def zero_inputs(config: Config, batch_size: int = 1) -> Inputs:
+    """An all-unobserved batch of ``config``'s input shapes (only its shapes matter, e.g. to build a state)."""
+    d, m = config.data.daily_seq_len, config.data.monthly_seq_len
+
+    def block(layout, length):
+        return ({n: np.zeros((batch_size, length, f), np.float32) for n, f in layout},
+                {n: np.zeros((batch_size, length, f), bool) for n, f in layout})
+
+    df, dm = block(config.model.daily_sources, d)
+    mf, mm = block(config.model.monthly_sources, m)
+    return Inputs(daily_features=df, daily_masks=dm, monthly_features=mf, monthly_masks=mm,
+                  month_boundaries=np.zeros((batch_size, m, 2), np.int32))
+
+
+def abstract_state(config: Config):
+    """The shapes and dtypes of ``config``'s train state, without computing (or compiling) an initialisation."""
+    return jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(config.train.seed), config,
+                                                     zero_inputs(config)))
+
+
+def load_checkpoint(run_dir: str, which: str, config: Config, datasets: Optional[Datasets] = None) -> TrainState:
+    """The ``best`` or ``latest`` train state of a run folder, restored into ``config``'s structure.
+
+    ``datasets`` is not needed (the structure comes from ``config`` alone); kept for callers that pass it.
+    """
+    if which not in CHECKPOINTS:
         raise ValueError(f"checkpoint {which!r}: expected 'best' or 'latest'")
-    sample_inputs, _ = next(iterate_batches(datasets.train, config.train.batch_size))
-    template = create_train_state(jax.random.PRNGKey(config.train.seed), config, sample_inputs)
     ckpt = Checkpoints(run_dir, create=False)
     try:
-        state, _ = ckpt.restore(getattr(ckpt, which), template)
+        state, _ = ckpt.restore(getattr(ckpt, which), abstract_state(config))
     finally:
         ckpt.close()
     if state is None:
         raise FileNotFoundError(f"{os.path.join(run_dir, 'checkpoints', which)}: no checkpoint")
     return state
+
+
+# ---------------------------------------------------------------------------
+# Self-describing run folders.
+# ---------------------------------------------------------------------------
+
+
+def atomic_write(path: str, write: Callable, *, binary: bool = False) -> None:
+    """Writes a file through ``write(file)`` into a temporary file beside it, then renames it into place.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Beside the target (os.replace is atomic within a file system); opened as open() does,
+    # so the file gets the usual permissions (mkstemp's are owner-only).
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb" if binary else "x") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_run_description(run_dir: str, config: Config, normalisation: Normalisation, layout: DataLayout) -> None:
+    """``config.json``, ``norm_stats.npz`` and ``layout.json``: what a run needs to be used without its data.
+
+    Args:
+      run_dir: the run folder (created if absent).
+      config: the configuration the steps ran with (model layout resolved).
+      normalisation: the count transform and train statistics of the run's inputs.
+      layout: the sources and feature names the model reads, in order; must agree with ``config.model``.
+    """
+    model_layout = layout.model_layout()
+    if (model_layout["daily_sources"] != tuple(config.model.daily_sources)
+            or model_layout["monthly_sources"] != tuple(config.model.monthly_sources)):
+        raise ValueError(f"layout {model_layout} does not match the model's sources "
+                         f"{config.model.daily_sources} / {config.model.monthly_sources}")
+    for kind, names in (("daily", [n for n, _ in layout.daily]), ("monthly", [n for n, _ in layout.monthly])):
+        if set(getattr(normalisation.stats, kind).mean) != set(names):
+            raise ValueError(f"normalisation {kind} sources {list(getattr(normalisation.stats, kind).mean)} "
+                             f"do not match the layout's {names}")
+    atomic_write(os.path.join(run_dir, CONFIG_FILE), lambda f: json.dump(config_to_dict(config), f, indent=1))
+    atomic_write(os.path.join(run_dir, NORM_STATS_FILE), lambda f: np.savez(f, **normalisation.to_arrays()),
+                 binary=True)
+    atomic_write(os.path.join(run_dir, LAYOUT_FILE), lambda f: json.dump(layout.to_dict(), f, indent=1))
+
+
+def write_run_folder(run_dir: str, config: Config, state: TrainState, normalisation: Normalisation,
+                     layout: DataLayout, *, meta: Optional[dict] = None) -> None:
+    """A complete run folder from a state: the description files, and the state as ``best`` and ``latest``.
+
+    For states that were not trained by ``han-jax train`` (e.g. converted from
+    another framework); :func:`load_run`, ``han-jax predict`` and ``han-jax
+    evaluate`` then read the folder as any other.
+
+    Args:
+      run_dir: the folder to write; it must hold no checkpoints yet.
+      config: the state's configuration.
+      state: a host (unreplicated) train state of ``config``'s structure.
+      normalisation, layout: as for :func:`write_run_description`.
+      meta: JSON metadata stored with the checkpoints (default ``{"epoch": 0}``).
+    """
+    if os.path.exists(os.path.join(run_dir, "checkpoints")):
+        raise FileExistsError(f"{os.path.join(run_dir, 'checkpoints')}: already exists; expected a new run folder")
+    write_run_description(run_dir, config, normalisation, layout)
+    ckpt = Checkpoints(run_dir)
+    try:
+        for manager in (ckpt.latest, ckpt.best):
+            ckpt.save(manager, 0, state, meta if meta is not None else {"epoch": 0})
+    finally:
+        ckpt.close()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """A run folder loaded for use: configuration, state, and the normalisation and layout of its inputs.
+
+    Attributes:
+      run_dir: the folder.
+      checkpoint: which checkpoint ``state`` is (``"best"`` or ``"latest"``).
+      config: the whole configuration (``config.json``).
+      state: the :class:`~han_jax.steps.TrainState` of that checkpoint.
+      normalisation: the count transform and train statistics (``norm_stats.npz``).
+      layout: the sources and feature names the model reads (``layout.json``).
+    """
+
+    run_dir: str
+    checkpoint: str
+    config: Config
+    state: TrainState
+    normalisation: Normalisation
+    layout: DataLayout
+
+    def forward(self, inputs: Inputs) -> dict:
+        """The model's output dict for a batch (dropout off; jitted, compiled once per configuration)."""
+        return jit_forward(self.config)(self.state.params, inputs)
+
+    def windows(self, world: Optional[World] = None, *, data: Optional[DataConfig] = None, date_from=None,
+                date_to=None) -> InferenceWindows:
+        """Anchors of new data normalised with the run's statistics (:func:`han_jax.data.build_inference_windows`).
+
+        Args:
+          world: the data; default ``make_world(data)``.
+          data: a ``DataConfig`` saying where the data is (default the run's); the fields that shape
+            the inputs (``WINDOW_FIELDS``) must be the run's.
+          date_from, date_to: the anchor range (``YYYY-MM-DD``); default the data's last day.
+        """
+        data = self.config.data if data is None else data
+        for name in WINDOW_FIELDS:
+            if getattr(data, name) != getattr(self.config.data, name):
+                raise ValueError(f"data.{name}={getattr(data, name)!r} differs from the run's "
+                                 f"{getattr(self.config.data, name)!r}; expected the inputs the model was trained on")
+        world = make_world(data) if world is None else world
+        return build_inference_windows(world, data, self.normalisation, self.layout, date_from, date_to)
+
+    def predict(self, world: Optional[World] = None, *, data: Optional[DataConfig] = None, date_from=None,
+                date_to=None, batch_size: Optional[int] = None):
+        """One row per anchor of new data: predictions in the data's units (:mod:`han_jax.predict`).
+
+        Arguments as :meth:`windows`; ``batch_size`` default the run's.
+
+        Returns:
+          A :class:`han_jax.predict.PredictionTable`.
+        """
+        from han_jax.predict import predict_windows
+
+        windows = self.windows(world, data=data, date_from=date_from, date_to=date_to)
+        return predict_windows(self, windows, batch_size=batch_size)
+
+
+def load_run(run_dir: str, checkpoint: str = "best") -> Run:
+    """Loads a run folder written by ``han-jax train`` (or :func:`write_run_folder`).
+
+    Args:
+      run_dir: the folder.
+      checkpoint: ``"best"`` or ``"latest"``.
+
+    Returns:
+      The :class:`Run`.
+
+    Raises:
+      FileNotFoundError: a file is missing; a folder written before runs saved their
+        normalisation and layout gets a message naming what is missing.
+      ValueError: a file that does not describe the same model as the others.
+    """
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint {checkpoint!r}: expected 'best' or 'latest'")
+    if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+        raise FileNotFoundError(f"{os.path.join(run_dir, CONFIG_FILE)}: not found; expected a run folder written by "
+                                "'han-jax train'")
+    missing = [name for name in (NORM_STATS_FILE, LAYOUT_FILE) if not os.path.exists(os.path.join(run_dir, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir}: no {' or '.join(missing)}; this run folder was written before han-jax saved the "
+            "normalisation statistics and the data layout with a run, so it cannot predict on new data: train it "
+            "again (han-jax evaluate still scores it on its own data)")
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        config = config_from_dict(json.load(f), where=os.path.join(run_dir, CONFIG_FILE))
+    with np.load(os.path.join(run_dir, NORM_STATS_FILE), allow_pickle=False) as arrays:
+        normalisation = Normalisation.from_arrays(dict(arrays), where=os.path.join(run_dir, NORM_STATS_FILE))
+    with open(os.path.join(run_dir, LAYOUT_FILE)) as f:
+        layout = DataLayout.from_dict(json.load(f), where=os.path.join(run_dir, LAYOUT_FILE))
+    model_layout = layout.model_layout()
+    if (model_layout["daily_sources"] != tuple(config.model.daily_sources)
+            or model_layout["monthly_sources"] != tuple(config.model.monthly_sources)):
+        raise ValueError(f"{os.path.join(run_dir, LAYOUT_FILE)}: sources {model_layout} differ from "
+                         f"{CONFIG_FILE}'s model {config.model.daily_sources} / {config.model.monthly_sources}")
+    state = load_checkpoint(run_dir, checkpoint, config)
+    return Run(run_dir, checkpoint, config, state, normalisation, layout)
 
 
 def unreplicate(tree):

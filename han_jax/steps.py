@@ -340,33 +340,68 @@ def eval_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: Co
     return EvalOutput(metrics=metrics, statistics=statistics, predictions={})
 
 
-def test_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: Config,
-              axis_name: Optional[str] = None) -> EvalOutput:
-    """Test: :func:`eval_step` plus per-row predictions for reports.
+def row_predictions(outputs: dict, config: Config) -> dict:
+    """Per-row predictions of the anchor (the window's last month) from the model's outputs.
 
-    ``predictions``: ``regime_probs [B, K]``, the ZINB ``zinb_pi``, ``zinb_mu``,
-    ``zinb_theta`` and ``expected_fatalities [B]``, ``anomaly_logit [B]``,
-    ``forecast_next [B, Ff]`` (the last month's forecast) and ``sample_mask [B]``.
+    The same reading of the heads as the losses and metrics: the ZINB parameters
+    of :func:`~han_jax.losses.zinb_parameters` and the expected fatalities
+    ``(1 - pi) * mu * casualty_target_scale``; the transition probability is the
+    sigmoid of the anomaly head's logit, clipped as the transition loss clips it
+    (the original has no transition head of its own, ``docs/model.md``).
+
+    Args:
+      outputs: the model's output dict.
+      config: the run's configuration.
+
+    Returns:
+      f32 arrays: ``regime_probs [B, K]``, ``transition_prob [B]``, ``zinb_pi``,
+      ``zinb_mu`` (in units of ``casualty_target_scale`` fatalities),
+      ``zinb_theta``, ``expected_fatalities [B]`` (fatalities), ``anomaly_logit [B]``
+      (the anomaly score), ``forecast_next [B, Ff]`` (the next month of the monthly
+      features, normalised) and, only with the direct daily head
+      (``use_latent_forecast=False``), ``daily_forecast [B, H, Fd]`` (days t+1..t+H,
+      normalised, daily sources in sorted name order as its targets). The latent
+      head predicts latent states, not features, so it gives no prediction here.
     """
-    _, outputs, statistics, metrics = _shared_forward(state.params, state.log_vars, inputs, targets, None,
-                                                      config=config, deterministic=True, axis_name=axis_name)
     pi, mu, theta = zinb_parameters(outputs["casualty_pred"][:, -1].astype(jnp.float32),
                                     outputs["casualty_var"][:, -1].astype(jnp.float32))
+    score = outputs["anomaly_score"][:, -1, 0].astype(jnp.float32)
     predictions = {
         "regime_probs": jax.nn.softmax(outputs["regime_logits"][:, -1].astype(jnp.float32), axis=-1),
+        "transition_prob": jax.nn.sigmoid(jnp.clip(score, -50.0, 50.0)),
         "zinb_pi": pi,
         "zinb_mu": mu,
         "zinb_theta": theta,
         "expected_fatalities": (1.0 - pi) * mu * config.step.loss.casualty_target_scale,
-        "anomaly_logit": outputs["anomaly_score"][:, -1, 0].astype(jnp.float32),
+        "anomaly_logit": score,
         "forecast_next": outputs["forecast_pred"][:, -1].astype(jnp.float32),
-        "sample_mask": targets.sample_mask,
     }
+    if not config.model.use_latent_forecast:
+        predictions["daily_forecast"] = outputs["daily_forecast_pred"].astype(jnp.float32)
+    return predictions
+
+
+def test_step(state: TrainState, inputs: Inputs, targets: Targets, *, config: Config,
+              axis_name: Optional[str] = None) -> EvalOutput:
+    """Test: :func:`eval_step` plus per-row predictions for reports.
+
+    ``predictions``: :func:`row_predictions` and ``sample_mask [B]``.
+    """
+    _, outputs, statistics, metrics = _shared_forward(state.params, state.log_vars, inputs, targets, None,
+                                                      config=config, deterministic=True, axis_name=axis_name)
+    predictions = dict(row_predictions(outputs, config), sample_mask=targets.sample_mask)
     return EvalOutput(metrics=metrics, statistics=statistics, predictions=predictions)
 
 
 # Keep pytest from collecting the step function named test_step.
 test_step.__test__ = False
+
+
+@functools.lru_cache(maxsize=16)
+def jit_forward(config: Config):
+    """``forward(params, inputs) -> outputs``: the model, deterministic (dropout off), jitted once per config."""
+    model = make_model(config)
+    return jax.jit(lambda params, inputs: model.apply({"params": params}, inputs, deterministic=True))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,10 @@ from han_jax.evaluate import (
     with_baselines,
 )
 from han_jax.metrics import MetricAccumulator
-from han_jax.runs import Checkpoints, prepare, replicate, unreplicate
+from han_jax.predict import concat_tables, plot_forecast, prediction_table
+from han_jax.runs import Checkpoints, prepare, replicate, unreplicate, write_run_description
 from han_jax.steps import create_train_state, jit_steps, pmap_steps
+from han_jax.summaries import open_writer, write_scalars
 
 COLLAPSE_THRESHOLD = 1e-3
 COLLAPSE_TASKS = ("regime", "anomaly", "forecast")  # the tasks the original watched
@@ -92,17 +94,22 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
           stop_after_epoch: Optional[int] = None) -> dict:
     """Trains, early-stops on validation ``weighted_total``, scores the best state on every split.
 
-    Writes ``config.json``, ``metrics.jsonl`` (one line per epoch and phase,
-    the same keys in every phase), ``summary.json`` and ``curves.png`` into
-    ``run_dir``; checkpoints go to ``run_dir/checkpoints/{latest,best}``.
+    Writes into ``run_dir``: ``config.json``, ``norm_stats.npz`` and ``layout.json``
+    (what :func:`han_jax.runs.load_run` needs to predict on new data),
+    ``metrics.jsonl`` (one line per epoch and phase, the same keys in every phase),
+    ``tensorboard/`` (the same scalars, when tensorboardX is installed and
+    ``TrainConfig.tensorboard`` is on), ``summary.json``, ``curves.png``, and from the
+    final scoring of the best checkpoint ``predictions.csv`` (every split's rows,
+    :mod:`han_jax.predict`) and ``forecast.png``; checkpoints go to
+    ``run_dir/checkpoints/{latest,best}``.
     """
     os.makedirs(run_dir, exist_ok=True)
     tc = config.train
     log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
     datasets, config = prepare(config, log=log)
-    # The configuration the steps ran with (the model layout from the data): config_from_dict rebuilds it.
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config_to_dict(config), f, indent=1)
+    # The configuration the steps ran with (the model layout from the data; config_from_dict rebuilds
+    # it), and the normalisation and layout of its inputs: the folder alone can predict on new data.
+    write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
     n_train_batches = num_batches(datasets.train, tc.batch_size)
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))
     state = create_train_state(jax.random.PRNGKey(tc.seed), config, sample_inputs)
@@ -133,6 +140,8 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
 
     from tqdm import tqdm
 
+    # Flushed every epoch, so an interrupted run keeps its scalars; closed where the loop returns.
+    writer = open_writer(run_dir, enabled=tc.tensorboard, purge_from_epoch=start_epoch if resume else None, log=log)
     for epoch in range(start_epoch, tc.epochs):
         state = steps.start_epoch(state, _epoch_array(epoch, tc.num_devices))
         bar = tqdm(total=n_train_batches, desc=f"epoch {epoch}", disable=quiet, leave=False, file=sys.stderr)
@@ -162,6 +171,9 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
                 shared = {k: v for k, v in m.items() if k in val_m}
                 extra = {k: v for k, v in m.items() if k not in val_m}
                 f.write(json.dumps({"epoch": epoch, "phase": phase, "metrics": shared, "extra": extra}) + "\n")
+                write_scalars(writer, epoch, phase, m)
+        if writer is not None:
+            writer.flush()
         history.append({"epoch": epoch, **{p: {"weighted_total": m["weighted_total"], "simple_total": m["simple_total"]}
                                            for p, m in phases.items()}})
         meta = {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
@@ -173,6 +185,8 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             log(f"stopping after epoch {epoch} as asked; continue with --resume")
             ckpt.close()
+            if writer is not None:
+                writer.close()
             return {"stopped_after_epoch": epoch}
         if bad_epochs >= tc.patience:
             log(f"early stopping at epoch {epoch}: no val improvement for {tc.patience} epochs")
@@ -181,7 +195,10 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
     log(f"Training complete. Best val weighted_total {best_val:.4f} at epoch {best_epoch}")
     best_state, _ = ckpt.restore(ckpt.best, to_host(state))
     ckpt.close()
-    final = score_splits(best_state, datasets, config, tc.batch_size, baselines=baselines)
+    if writer is not None:
+        writer.close()
+    final, predictions = score_splits(best_state, datasets, config, tc.batch_size, baselines=baselines,
+                                      predictions=True)
     summary = {
         "config": config_to_dict(config),
         "n_params": n_params,
@@ -195,6 +212,13 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
     log(metrics_table(final, title="Final metrics (best checkpoint, exact split metrics, one shared path for "
                                    "every split):"))
     plot_curves(metrics_path, os.path.join(run_dir, "curves.png"))
+    table = concat_tables([
+        prediction_table(predictions[name], split, datasets.calendar.day_dates[split.anchors], config=config,
+                         normalisation=datasets.normalisation, layout=datasets.layout, split_name=name)
+        for name, split in datasets.splits.items()])
+    table.write_csv(os.path.join(run_dir, "predictions.csv"))
+    plot_forecast(table, os.path.join(run_dir, "forecast.png"),
+                  title=f"{run_dir}: best checkpoint (epoch {best_epoch}) on every split")
     return summary
 
 

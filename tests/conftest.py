@@ -1,10 +1,12 @@
-"""Test set-up: four host CPU devices for the pmap tests, fast compiles.
+"""Test set-up: four host CPU devices for the pmap tests, fast compiles, one shared trained run folder.
 
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before
 anything imports jax; pytest loads conftest.py first.
 """
 
 import os
+
+import pytest
 
 _FLAGS = (
     "--xla_force_host_platform_device_count=4",
@@ -17,3 +19,15 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    """``han-jax train --preset tiny --epochs TINY_EPOCHS`` (``tests.helpers.tiny_config``): one run folder
+    shared by the CLI, run-folder and prediction tests, read-only to them; training once keeps the suite fast."""
+    from han_jax.cli import main
+    from tests.helpers import TINY_EPOCHS
+
+    run_dir = str(tmp_path_factory.mktemp("tiny_run"))
+    assert main(["train", "--preset", "tiny", "--epochs", str(TINY_EPOCHS), "--run-dir", run_dir, "--quiet"]) == 0
+    return run_dir

@@ -15,10 +15,9 @@ EPOCHS = str(TINY_EPOCHS)
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("full"))
-    assert main(["train", "--preset", "tiny", "--epochs", EPOCHS, "--run-dir", run_dir, "--quiet"]) == 0
-    return run_dir
+def full_run(tiny_run_dir):
+    # `han-jax train --preset tiny --epochs EPOCHS` (tests/conftest.py), shared with the run-folder tests.
+    return tiny_run_dir
 
 
 def _rows(run_dir):
@@ -33,7 +32,8 @@ def _params(run_dir, which="latest"):
 
 
 def test_cli_run_writes_every_file_with_comparable_phases(full_run):
-    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):
+    for name in ("config.json", "norm_stats.npz", "layout.json", "metrics.jsonl", "summary.json", "curves.png",
+                 "predictions.csv", "forecast.png"):
         assert os.path.getsize(os.path.join(full_run, name)) > 0, name
     rows = _rows(full_run)
     assert [(r["epoch"], r["phase"]) for r in rows] == [(e, p) for e in range(3) for p in ("train", "val", "test")]

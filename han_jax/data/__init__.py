@@ -2,17 +2,30 @@
 
 from han_jax.config import MISSING_VALUE, DataConfig
 from han_jax.data.batching import gather, iterate_batches, num_batches
+from han_jax.data.layout import DataLayout, check_layout, layout_of
 from han_jax.data.loss_records import load_losses_world
-from han_jax.data.pipeline import Calendar, Datasets, NormStats, SplitData, build_datasets, check_config, make_calendar
+from han_jax.data.normalisation import Normalisation
+from han_jax.data.pipeline import (
+    Calendar,
+    Datasets,
+    InferenceWindows,
+    NormStats,
+    SplitData,
+    build_datasets,
+    build_inference_windows,
+    check_config,
+    make_calendar,
+)
 from han_jax.data.synthetic import make_synthetic_world
 from han_jax.data.transform import COUNT_TRANSFORMS
 from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTargets, SourceTable, World
 
 __all__ = [
-    "COUNT_TRANSFORMS", "Calendar", "DataConfig", "DataError", "Datasets", "DayTargets", "MISSING_VALUE",
-    "MissingFileError", "MonthTargets", "NormStats", "SourceTable", "SplitData", "World", "build_datasets",
-    "check_config", "gather", "iterate_batches", "load_losses_world", "make_calendar", "make_synthetic_world",
-    "make_world", "num_batches",
+    "COUNT_TRANSFORMS", "Calendar", "DataConfig", "DataError", "DataLayout", "Datasets", "DayTargets",
+    "InferenceWindows", "MISSING_VALUE", "MissingFileError", "MonthTargets", "NormStats", "Normalisation",
+    "SourceTable", "SplitData", "World", "build_datasets", "build_inference_windows", "check_config",
+    "check_layout", "gather", "iterate_batches", "layout_of", "load_losses_world", "make_calendar",
+    "make_synthetic_world", "make_world", "num_batches",
 ]
 
 

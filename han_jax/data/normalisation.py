@@ -6,11 +6,15 @@ Stages of ``build_datasets``: ``fit_norm_stats`` -> ``normalise_sources``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple
+from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
 from han_jax.data.alignment import AlignedSources, Calendar
+from han_jax.data.transform import check_count_transform, invert_count_transform
+from han_jax.data.world import DataError
+
+NORM_FORMAT = 1
 
 
 @dataclasses.dataclass
@@ -31,6 +35,75 @@ class TrainStats:
     def combined(self) -> NormStats:
         """One ``NormStats`` over all sources (daily first; on a shared name the monthly statistics win)."""
         return NormStats({**self.daily.mean, **self.monthly.mean}, {**self.daily.std, **self.monthly.std})
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalisation:
+    """How raw source values became model inputs: the count transform, then the train-only z-score.
+
+    A run saves it (``norm_stats.npz``) so that new data is normalised exactly as
+    its training data was, and predictions can be taken back to the data's units;
+    it is never refitted on the new data.
+
+    Attributes:
+      count_transform: the ``DataConfig.count_transform`` that was applied (``"none"`` or ``"log1p"``).
+      transformed: ``{daily source: bool [F]}``, True for the features the transform touched
+        (monthly sources are never transformed).
+      stats: the train-only statistics, of the transformed values.
+    """
+
+    count_transform: str
+    transformed: Dict[str, np.ndarray]
+    stats: TrainStats
+
+    def to_arrays(self) -> Dict[str, np.ndarray]:
+        """Named arrays for ``np.savez`` (``daily/<source>/mean`` and so on; source order in ``*_sources``)."""
+        out = {"format": np.array(NORM_FORMAT), "count_transform": np.array(self.count_transform),
+               "daily_sources": np.array(list(self.stats.daily.mean), dtype=str),
+               "monthly_sources": np.array(list(self.stats.monthly.mean), dtype=str)}
+        for kind, st in (("daily", self.stats.daily), ("monthly", self.stats.monthly)):
+            for name in st.mean:
+                out[f"{kind}/{name}/mean"] = np.asarray(st.mean[name], np.float64)
+                out[f"{kind}/{name}/std"] = np.asarray(st.std[name], np.float64)
+                if kind == "daily":
+                    out[f"{kind}/{name}/transformed"] = np.asarray(self.transformed[name], bool)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, where: str = "norm stats") -> "Normalisation":
+        """Rebuilds :meth:`to_arrays`' output; anything missing or malformed is a one-line ``DataError``."""
+        def get(key):
+            if key not in arrays:
+                raise DataError(f"{where}: no array '{key}'; expected the statistics written by han-jax")
+            return np.asarray(arrays[key])
+
+        if int(get("format")) != NORM_FORMAT:
+            raise DataError(f"{where}: format {int(get('format'))}; expected {NORM_FORMAT}")
+        method = check_count_transform(str(get("count_transform")))
+        stats, transformed = {}, {}
+        for kind in ("daily", "monthly"):
+            st = NormStats({}, {})
+            for name in get(f"{kind}_sources").tolist():
+                st.mean[name], st.std[name] = get(f"{kind}/{name}/mean"), get(f"{kind}/{name}/std")
+                if st.mean[name].shape != st.std[name].shape or st.mean[name].ndim != 1:
+                    raise DataError(f"{where}: {kind} source '{name}': mean {st.mean[name].shape} and std "
+                                    f"{st.std[name].shape}; expected two equal 1-D shapes")
+                if kind == "daily":
+                    transformed[name] = get(f"{kind}/{name}/transformed").astype(bool)
+            stats[kind] = st
+        return cls(method, transformed, TrainStats(stats["daily"], stats["monthly"]))
+
+    def to_original_units(self, kind: str, source: str, z: np.ndarray) -> np.ndarray:
+        """Normalised values of one source's features ``[..., F]`` back in the data's units (float64).
+
+        The z-score is undone with the saved statistics, then the count transform
+        where it was applied (signed log1p is invertible: ``sign(y) * expm1(|y|)``).
+        """
+        st = getattr(self.stats, kind)
+        x = np.asarray(z, np.float64) * st.std[source] + st.mean[source]
+        if kind == "daily":
+            x = invert_count_transform(x, self.transformed[source], self.count_transform)
+        return x
 
 
 @dataclasses.dataclass(frozen=True)

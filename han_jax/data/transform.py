@@ -52,6 +52,31 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
+def inverse_signed_log1p(y: np.ndarray) -> np.ndarray:
+    """``sign(y) * expm1(|y|)``: the exact inverse of :func:`signed_log1p` (NaN -> NaN; beyond float64, +-inf)."""
+    y = np.asarray(y, np.float64)
+    with np.errstate(over="ignore"):
+        return np.sign(y) * np.expm1(np.abs(y))
+
+
+def invert_count_transform(x: np.ndarray, transformed: np.ndarray, method: str) -> np.ndarray:
+    """Undo the count transform on the last axis's features where ``transformed`` is True.
+
+    Args:
+      x: values on the transformed scale, ``[..., F]``.
+      transformed: bool ``[F]``, the features the transform was applied to.
+      method: the transform's name (``COUNT_TRANSFORMS``).
+
+    Returns:
+      float64 ``[..., F]`` on the data's original scale.
+    """
+    method = check_count_transform(method)
+    x = np.asarray(x, np.float64)
+    if method == "none":
+        return x
+    return np.where(np.asarray(transformed, bool), inverse_signed_log1p(x), x)
+
+
 def count_feature_mask(feature_names) -> np.ndarray:
     """bool ``[F]``: True for the features the transform applies to (all but the ratio features)."""
     return np.array([n not in RATIO_FEATURES for n in feature_names], bool)
