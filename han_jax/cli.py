@@ -3,6 +3,11 @@
 Any configuration value can be overridden with ``--set section.field=value``
 (e.g. ``--set model.d_model=64 --set step.optim.learning_rate=3e-4``); the
 common ones also have their own flags.
+
+Every command checks its configuration (``han_jax.validation.validate_config``)
+before it builds data or compiles anything. A user error (a bad value, bad data, a
+missing file) is printed as one line, ``han-jax <command>: error: ...``, with exit
+status 2 and no traceback; ``--debug`` (before or after the command) shows it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ import typing
 import numpy as np
 
 from han_jax.config import PRESETS
+from han_jax.data.world import DataError
+from han_jax.validation import ConfigError, check_batching, check_int, validate_config
+
+
+class CommandError(Exception):
+    """A user error of a command that is not a configuration value (a missing or unreadable input file)."""
+
+
+# What a command reports in one line (exit status 2) instead of a traceback: the user's to fix, not a bug.
+USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExistsError)
 
 
 def _coerce(value: str, annotation, current):
@@ -54,7 +69,7 @@ def apply_overrides(config, overrides):
     """Applies ``section.field=value`` strings to a frozen config tree."""
     for item in overrides:
         if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected section.field=value")
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
         path, value = item.split("=", 1)
         parts = path.strip().split(".")
         config = _set_path(config, parts, value, path)
@@ -67,11 +82,11 @@ def _set_path(node, parts, value, full):
     fields = {f.name: f for f in dataclasses.fields(node)}
     name = parts[0]
     if name not in fields:
-        raise SystemExit(f"--set {full}: {type(node).__name__} has no field {name!r}; fields are {sorted(fields)}")
+        raise ConfigError(f"--set {full}: {type(node).__name__} has no field {name!r}; fields are {sorted(fields)}")
     current = getattr(node, name)
     if len(parts) > 1:
         if not dataclasses.is_dataclass(current) or isinstance(current, Policy):
-            raise SystemExit(f"--set {full}: {name!r} is not a section")
+            raise ConfigError(f"--set {full}: {name!r} is not a section")
         return dataclasses.replace(node, **{name: _set_path(current, parts[1:], value, full)})
     try:
         hints = typing.get_type_hints(type(node))
@@ -80,10 +95,11 @@ def _set_path(node, parts, value, full):
     try:
         return dataclasses.replace(node, **{name: _coerce(value, hints.get(name), current)})
     except ValueError as e:
-        raise SystemExit(f"--set {full}: {e}") from None
+        raise ConfigError(f"--set {full}: {e}") from None
 
 
 def build_config(args):
+    """The preset with the command's flags and ``--set`` overrides applied, validated (no data, no JAX work)."""
     from han_jax.config import DataConfig, get_config
     from han_jax.precision import Policy
 
@@ -107,9 +123,11 @@ def build_config(args):
         try:
             policy = Policy.from_string(args.policy)
         except ValueError as e:
-            raise SystemExit(f"--policy: {e}") from None
+            raise ConfigError(f"--policy={args.policy!r}: {e}") from None
         config = config.replace(step=dataclasses.replace(config.step, policy=policy))
-    return apply_overrides(config, args.set or [])
+    config = apply_overrides(config, args.set or [])
+    validate_config(config)
+    return config
 
 
 def _common(p):
@@ -126,10 +144,12 @@ def _common(p):
 
 
 def cmd_train(args) -> int:
-    _force_host_devices(args.devices)
+    config = build_config(args)
+    if args.stop_after_epoch is not None:
+        check_int("--stop-after-epoch", args.stop_after_epoch, minimum=0)
+    _force_host_devices(config.train.num_devices)
     from han_jax.train import train
 
-    config = build_config(args)
     train(config, args.run_dir, resume=args.resume, quiet=args.quiet, stop_after_epoch=args.stop_after_epoch)
     return 0
 
@@ -191,6 +211,12 @@ def _force_host_devices(n) -> None:
 
 def cmd_evaluate(args) -> int:
     """Scores a saved run on train, val and test with exact split metrics, baselines and skill."""
+    if args.batch_size is not None:
+        check_int("--batch-size", args.batch_size)
+    if args.devices is not None:
+        check_int("--devices", args.devices)
+        if args.batch_size is not None:
+            check_batching(args.batch_size, args.devices, batch_field="--batch-size", devices_field="--devices")
     _force_host_devices(args.devices)
     from han_jax.evaluate import evaluate_run
 
@@ -209,6 +235,8 @@ def cmd_predict(args) -> int:
     from han_jax.config import DataConfig
     from han_jax.predict import predict_run
 
+    if args.batch_size is not None:
+        check_int("--batch-size", args.batch_size)
     overrides = {}
     if args.data == "losses":
         shared = os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
@@ -224,7 +252,7 @@ def cmd_predict(args) -> int:
         path, sep, value = item.partition("=")
         parts = path.strip().split(".")
         if len(parts) != 2 or parts[0] != "data" or not sep:
-            raise SystemExit(f"--set {item!r}: expected data.field=value (predict changes only where the data is)")
+            raise ConfigError(f"--set {item!r}: expected data.field=value (predict changes only where the data is)")
         overrides[parts[1]] = getattr(_set_path(DataConfig(), parts[1:], value, path), parts[1])
     predict_run(args.run_dir, checkpoint=args.checkpoint, data_overrides=overrides, date_from=args.date_from,
                 date_to=args.date_to, out=args.out, plot=args.plot, batch_size=args.batch_size)
@@ -236,23 +264,32 @@ def cmd_import_torch(args) -> int:
     from han_jax.torch_import import CheckpointFormatError, CheckpointMismatch, import_run, read_torch_checkpoint
 
     if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"import-torch: {args.checkpoint}: no such file; expected a .pt written by the original")
+        raise FileNotFoundError(f"{args.checkpoint}: no such file; expected a .pt written by the original")
     if os.path.exists(os.path.join(args.run_dir, "checkpoints")):
-        raise SystemExit(f"import-torch: {args.run_dir} already holds checkpoints; expected a new run folder")
+        raise FileExistsError(f"{args.run_dir} already holds checkpoints; expected a new run folder")
     config = build_config(args)
     try:
         checkpoint = read_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         import_run(checkpoint, args.run_dir, config)
     except ImportError as e:
-        raise SystemExit(f"import-torch: {e}") from None
+        raise CommandError(str(e)) from e
     except (CheckpointMismatch, CheckpointFormatError) as e:
-        raise SystemExit(f"import-torch: {args.checkpoint}: {e}") from None
+        raise CommandError(f"{args.checkpoint}: {e}") from e
     print(f"evaluate it with: han-jax evaluate --run-dir {args.run_dir}")
     return 0
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (an OS error's own text when it has no message of ours)."""
+    text = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
+    """Runs one command; a user error (:data:`USER_ERRORS`) is one line on stderr and exit status 2."""
     parser = argparse.ArgumentParser(prog="han-jax", description=__doc__.splitlines()[0])
+    debug_help = "on an error, show the traceback instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train, early-stop on val, score the best checkpoint on test")
     _common(p)
@@ -303,8 +340,17 @@ def main(argv=None) -> int:
                    help="load with weights_only=False (only for files you trust; needed when the history holds "
                         "numpy scalars)")
     p.set_defaults(func=cmd_import_torch)
+    for command in sub.choices.values():
+        # Also accepted after the command; SUPPRESS keeps a flag given before it.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"han-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

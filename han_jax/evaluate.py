@@ -23,6 +23,7 @@ from han_jax.data import Datasets, SplitData, iterate_batches
 from han_jax.metrics import SplitAccumulator, forecast_sources
 from han_jax.runs import load_checkpoint, prepare, replicate
 from han_jax.steps import jit_steps, pmap_steps
+from han_jax.validation import check_batching
 
 SPLITS = ("train", "val", "test")
 
@@ -173,11 +174,8 @@ def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional
         config = config_from_dict(json.load(f))
     if data_overrides:
         config = config.replace(data=dataclasses.replace(config.data, **data_overrides))
-    batch_size = batch_size or config.train.batch_size
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected at least 1")
-    if num_devices > 1 and batch_size % num_devices:
-        raise ValueError(f"--batch-size {batch_size} is not divisible by --devices {num_devices}")
+    batch_size = config.train.batch_size if batch_size is None else batch_size
+    check_batching(batch_size, num_devices, batch_field="--batch-size", devices_field="--devices")
     datasets, resolved = prepare(config)
     if resolved.model != config.model:
         raise ValueError(f"{run_dir}: the data's source layout {resolved.model.daily_sources} / "

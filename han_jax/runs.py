@@ -39,6 +39,7 @@ from han_jax.data import (
     num_batches,
 )
 from han_jax.steps import TrainState, create_train_state, jit_forward
+from han_jax.validation import ConfigError
 
 CONFIG_FILE = "config.json"
 NORM_STATS_FILE = "norm_stats.npz"
@@ -271,7 +272,7 @@ class Run:
         data = self.config.data if data is None else data
         for name in WINDOW_FIELDS:
             if getattr(data, name) != getattr(self.config.data, name):
-                raise ValueError(f"data.{name}={getattr(data, name)!r} differs from the run's "
+                raise ConfigError(f"data.{name}={getattr(data, name)!r} differs from the run's "
                                  f"{getattr(self.config.data, name)!r}; expected the inputs the model was trained on")
         world = make_world(data) if world is None else world
         return build_inference_windows(world, data, self.normalisation, self.layout, date_from, date_to)

@@ -90,11 +90,16 @@ def learning_rate_schedule(optim: OptimConfig, *, num_epochs: int) -> optax.Sche
     """The original's ``WarmupCosineScheduler``, built from optax's.
 
     Linear warmup from ``learning_rate * 0.01`` over ``min(warmup_epochs,
-    max(1, num_epochs - 1))`` epochs (the trainer's effective warmup), then
-    cosine decay to ``min_lr`` at ``num_epochs``. In ``"step"`` mode the same
-    curve is stretched over optimiser updates.
+    num_epochs - 1)`` epochs (the trainer's effective warmup), then cosine
+    decay to ``min_lr`` at ``num_epochs``. In ``"step"`` mode the same curve is
+    stretched over optimiser updates.
+
+    A one-epoch run has no warmup: its epoch starts the decay at
+    ``learning_rate``. A warmup epoch would leave no epoch to decay over (optax
+    refuses a cosine of length 0) and would train only at ``learning_rate *
+    0.01``. Runs of two epochs or more get the original's curve unchanged.
     """
-    warmup = min(optim.warmup_epochs, max(1, num_epochs - 1))
+    warmup = max(0, min(optim.warmup_epochs, num_epochs - 1))
     total = num_epochs
     if optim.schedule_unit == "step":
         warmup, total = warmup * optim.steps_per_epoch, total * optim.steps_per_epoch

@@ -34,6 +34,7 @@ from han_jax.predict import concat_tables, plot_forecast, prediction_table
 from han_jax.runs import Checkpoints, prepare, replicate, unreplicate, write_run_description
 from han_jax.steps import create_train_state, jit_steps, pmap_steps
 from han_jax.summaries import open_writer, write_scalars
+from han_jax.validation import ConfigError, validate_config
 
 COLLAPSE_THRESHOLD = 1e-3
 COLLAPSE_TASKS = ("regime", "anomaly", "forecast")  # the tasks the original watched
@@ -103,12 +104,21 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
     :mod:`han_jax.predict`) and ``forecast.png``; checkpoints go to
     ``run_dir/checkpoints/{latest,best}``.
     """
-    os.makedirs(run_dir, exist_ok=True)
+    # Nothing is written and nothing compiled until the configuration and the data are known good: a bad
+    # value fails here in one line (ConfigError / DataError), leaving no half-made run folder behind.
+    validate_config(config)
     tc = config.train
+    latest_dir = os.path.join(run_dir, "checkpoints", "latest")
+    if resume and not os.path.isdir(latest_dir):
+        raise FileNotFoundError(f"--resume: no checkpoint under {latest_dir}")
+    if tc.num_devices > jax.local_device_count():
+        raise ConfigError(f"train.num_devices={tc.num_devices}: expected at most the {jax.local_device_count()} "
+                          f"local {jax.default_backend()} device(s)")
     log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
     datasets, config = prepare(config, log=log)
     # The configuration the steps ran with (the model layout from the data; config_from_dict rebuilds
     # it), and the normalisation and layout of its inputs: the folder alone can predict on new data.
+    os.makedirs(run_dir, exist_ok=True)
     write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
     n_train_batches = num_batches(datasets.train, tc.batch_size)
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))

@@ -31,3 +31,22 @@ def tiny_run_dir(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("tiny_run"))
     assert main(["train", "--preset", "tiny", "--epochs", str(TINY_EPOCHS), "--run-dir", run_dir, "--quiet"]) == 0
     return run_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop every compiled executable after each test module.
+
+    XLA:CPU maps each executable's code into the process; a whole-suite run
+    compiles thousands of step functions, and one process crashed inside an XLA
+    compile (SIGSEGV in ``backend_compile_and_load``) 85 % of the way through the
+    suite, a symptom of exhausting the kernel's map limit (``vm.max_map_count``,
+    65,530 here). Modules do not share compiled functions, so this costs little.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

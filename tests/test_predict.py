@@ -13,6 +13,7 @@ from han_jax.data import DataConfig, DataError, build_datasets, iterate_batches,
 from han_jax.data.transform import signed_log1p
 from han_jax.predict import prediction_table
 from han_jax.runs import load_run
+from han_jax.validation import ConfigError
 
 NEWER_DAYS = 400  # the tiny run's world has 300 days, to 2022-12-20
 
@@ -98,7 +99,7 @@ def test_dates_outside_the_data_are_clear_errors(run):
     with pytest.raises(DataError, match="no anchor in 2022-02-24..2022-03-01: a window needs 60 days"):
         run.windows(date_from="2022-02-24", date_to="2022-03-01")
     with pytest.raises(DataError, match=r"--from='2022-13-45'; expected a date YYYY-MM-DD"):
-        main(["predict", "--run-dir", "/nonexistent", "--from", "2022-13-45"])
+        main(["--debug", "predict", "--run-dir", "/nonexistent", "--from", "2022-13-45"])
 
 
 def test_daily_forecasts_are_reported_in_original_units_through_the_inverse_count_transform():
@@ -145,5 +146,5 @@ def test_cli_predict_writes_the_csv_and_the_picture(tiny_run_dir, tmp_path, caps
     assert os.path.getsize(tmp_path / "august" / "forecast.png") > 0
     printed = capsys.readouterr().out
     assert "2023-03-30: regime probabilities" in printed and "2023-04 forecast, sentinel: s1_radar" in printed
-    with pytest.raises(SystemExit, match="predict changes only where the data is"):
-        main(["predict", "--run-dir", tiny_run_dir, "--set", "model.d_model=8"])
+    with pytest.raises(ConfigError, match="predict changes only where the data is"):
+        main(["--debug", "predict", "--run-dir", tiny_run_dir, "--set", "model.d_model=8"])

@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from han_jax.cli import main
+from han_jax.validation import ConfigError
 from tests.helpers import TINY_EPOCHS
 
 EPOCHS = str(TINY_EPOCHS)
@@ -73,7 +74,8 @@ def test_resume_is_exact(full_run, tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints"):
-        main(["train", "--preset", "tiny", "--epochs", EPOCHS, "--run-dir", str(tmp_path), "--resume", "--quiet"])
+        main(["--debug", "train", "--preset", "tiny", "--epochs", EPOCHS, "--run-dir", str(tmp_path), "--resume",
+              "--quiet"])
 
 
 def test_audit_passes_and_shows_the_decomposition(capsys):
@@ -84,8 +86,8 @@ def test_audit_passes_and_shows_the_decomposition(capsys):
 
 
 def test_bad_override_names_the_field():
-    with pytest.raises(SystemExit, match="d_modle"):
-        main(["audit", "--preset", "tiny", "--set", "model.d_modle=3"])
+    with pytest.raises(ConfigError, match="d_modle"):
+        main(["audit", "--preset", "tiny", "--set", "model.d_modle=3", "--debug"])
 
 
 def test_summary_and_metrics_carry_baselines_skill_and_target_counts(full_run):
