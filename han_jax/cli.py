@@ -105,8 +105,7 @@ def build_config(args):
 
     config = get_config(args.preset)
     if getattr(args, "data", None) == "losses":
-        shared = os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
-        losses_dir = args.losses_dir or shared
+        losses_dir = args.losses_dir or _default_losses_dir()
         d = config.data
         config = config.replace(data=DataConfig.losses(
             losses_dir, args.monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
@@ -209,6 +208,26 @@ def _force_host_devices(n) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+def _default_losses_dir() -> str:
+    """``../shared/data/losses`` from the working directory: where the public loss data sits beside a checkout."""
+    return os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
+
+
+def _data_overrides(args) -> dict:
+    """``DataConfig`` fields that ``evaluate``/``predict`` change from the run's own data flags."""
+    overrides = {}
+    data = getattr(args, "data", None)  # evaluate has no --data: the run's kind unless --losses-dir is given
+    if data == "losses":
+        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir or _default_losses_dir()))
+    elif data == "synthetic":
+        overrides.update(source="synthetic")
+    elif args.losses_dir:
+        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir))
+    if args.monthly_csv_dir:
+        overrides.update(monthly_csv_dir=os.path.abspath(args.monthly_csv_dir))
+    return overrides
+
+
 def cmd_evaluate(args) -> int:
     """Scores a saved run on train, val and test with exact split metrics, baselines and skill."""
     if args.batch_size is not None:
@@ -220,13 +239,8 @@ def cmd_evaluate(args) -> int:
     _force_host_devices(args.devices)
     from han_jax.evaluate import evaluate_run
 
-    overrides = {}
-    if args.losses_dir:
-        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir))
-    if args.monthly_csv_dir:
-        overrides.update(monthly_csv_dir=os.path.abspath(args.monthly_csv_dir))
     evaluate_run(args.run_dir, checkpoint=args.checkpoint, batch_size=args.batch_size, num_devices=args.devices or 1,
-                 data_overrides=overrides, out=args.out)
+                 data_overrides=_data_overrides(args), out=args.out)
     return 0
 
 
@@ -237,16 +251,7 @@ def cmd_predict(args) -> int:
 
     if args.batch_size is not None:
         check_int("--batch-size", args.batch_size)
-    overrides = {}
-    if args.data == "losses":
-        shared = os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
-        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir or shared))
-    elif args.data == "synthetic":
-        overrides.update(source="synthetic")
-    elif args.losses_dir:
-        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir))
-    if args.monthly_csv_dir:
-        overrides.update(monthly_csv_dir=os.path.abspath(args.monthly_csv_dir))
+    overrides = _data_overrides(args)
     for item in args.set or []:
         # Only the data section: the model, the steps and the windows are the run's.
         path, sep, value = item.partition("=")
