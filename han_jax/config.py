@@ -69,12 +69,12 @@ class ModelConfig:
     n_regime_classes: int = 4
     use_latent_forecast: bool = True
     daily_forecast_horizon: int = 7
-    # han-jax option (off = the original): the monthly forecast head predicts the
-    # change from the window's current month, ``forecast_pred = head(z) + x_month``
-    # (masked inputs count as 0). The original's head must rebuild the current value
-    # through the whole stack; on smooth monthly series "next month = this month"
-    # then beats it (README main job: iom val MSE 0.92 vs persistence 0.06). No
-    # parameters are added, so checkpoints load either way.
+    # han-jax option (off = the original): the monthly forecast head starts from the
+    # window's current month, ``forecast_pred = head(z) + gain * x_month`` (masked inputs
+    # count as 0; ``gain`` one learnt number per monthly feature, initialised to 1). The
+    # original's head must rebuild the current value through the whole stack; on smooth
+    # monthly series "next month = this month" then beats it (README main job: iom val
+    # MSE 0.92 vs persistence 0.06). Adds ``n_monthly_features`` parameters.
     forecast_residual: bool = False
     daily_sources: SourceLayout = DAILY_SOURCES
     monthly_sources: SourceLayout = MONTHLY_SOURCES
@@ -229,8 +229,13 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic" | "losses"
     mode: str = "learnable"  # synthetic: "learnable" | "realistic"
     preset: str = "default"  # synthetic: "default" | "small"
-    losses_dir: Optional[str] = None
+    losses_dir: Optional[str] = None  # DataConfig.losses() defaults it to the snapshot bundled with han-jax
     monthly_csv_dir: Optional[str] = None
+    # Real data: what to do with a loss-record value that is not finite, negative or above the
+    # plausibility ceiling (han_jax/data/loss_records.py): "error" (stop, naming file, field, date
+    # and value), "clip" (into [0, ceiling]; NaN is dropped) or "drop" (treat it as missing).
+    # Every clipped or dropped value is one line of the data report.
+    implausible_values: str = "error"
     n_days: Optional[int] = None  # synthetic length; None = the preset's
 
     daily_sources: Optional[Tuple[SourceSpec, ...]] = DAILY_SOURCES
@@ -275,8 +280,16 @@ class DataConfig:
         return cls(**base)
 
     @classmethod
-    def losses(cls, losses_dir: str, monthly_csv_dir: Optional[str] = None, **overrides) -> "DataConfig":
-        """Real loss data; the monthly layout is whatever the data provides; daily counts log1p-transformed."""
+    def losses(cls, losses_dir: Optional[str] = None, monthly_csv_dir: Optional[str] = None,
+               **overrides) -> "DataConfig":
+        """Real loss data; the monthly layout is whatever the data provides; daily counts log1p-transformed.
+
+        ``losses_dir`` None: the snapshot bundled with the package, so this works from any directory.
+        """
+        if losses_dir is None:
+            from han_jax.data.loss_records import bundled_losses_dir  # lazy: han_jax.data imports this module
+
+            losses_dir = bundled_losses_dir()
         base = dict(
             source="losses",
             losses_dir=losses_dir,

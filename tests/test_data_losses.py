@@ -1,17 +1,27 @@
-"""The real loss-data loader on the trimmed fixture (and on ../shared/data/losses when present)."""
+"""The real loss-data loader on the trimmed fixture and on the snapshot bundled with the package."""
 
+import argparse
+import json
 import os
 
 import numpy as np
 import pytest
 
-from han_jax.data import DataConfig, build_datasets, iterate_batches, load_losses_world, make_world
+import han_jax
+from han_jax.data import (
+    DataConfig,
+    build_datasets,
+    bundled_losses_dir,
+    iterate_batches,
+    load_losses_world,
+    make_world,
+)
 from han_jax.data.timeline import PHASE_TO_INDEX
 
 HERE = os.path.dirname(__file__)
 FIXTURE = os.path.join(HERE, "fixtures", "losses")
 CSV_DIR = os.path.join(HERE, "fixtures", "monthly_csv")
-SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "data", "losses"))
+BUNDLED_LAST_DAY = "2025-12-31"
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +96,39 @@ def test_monthly_csv(world):
     assert np.abs(tr["anomaly"]).max() > 0
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data/losses not present")
+def test_bundled_snapshot_is_the_default_from_any_directory(tmp_path, monkeypatch):
+    """``--data losses`` needs no ``--losses-dir``: the default is package data, not a path beside a checkout."""
+    from han_jax.cli import _default_losses_dir, build_config
+
+    monkeypatch.chdir(tmp_path)
+    d = bundled_losses_dir()
+    package = os.path.dirname(os.path.abspath(han_jax.__file__))
+    assert os.path.isdir(d) and os.path.commonpath([package, os.path.abspath(d)]) == package
+    for name in ("russia_losses_personnel.json", "russia_losses_equipment.json", "LICENSE", "README.md"):
+        assert os.path.isfile(os.path.join(d, name)), name
+    assert _default_losses_dir() == d and DataConfig.losses().losses_dir == d
+    w = load_losses_world()  # from tmp_path: nothing depends on the working directory
+    assert str(w.daily["personnel"].dates[-1]) == BUNDLED_LAST_DAY
+    args = argparse.Namespace(preset="tiny", data="losses", losses_dir=None, monthly_csv_dir=None, set=[])
+    assert build_config(args).data.losses_dir == d  # what `han-jax train --data losses` runs with
+
+
+def test_bundled_readme_names_the_snapshot():
+    text = open(os.path.join(bundled_losses_dir(), "README.md")).read()
+    assert "PetroIvaniuk/2022-Ukraine-Russia-War-Dataset" in text and "MIT" in text
+    assert BUNDLED_LAST_DAY in text and "--losses-dir" in text
+    for name in ("russia_losses_personnel.json", "russia_losses_equipment.json"):
+        records = json.load(open(os.path.join(bundled_losses_dir(), name)))
+        assert records[-1]["date"] == BUNDLED_LAST_DAY, name
+
+
 def test_full_real_data():
-    ds = build_datasets(make_world(DataConfig.losses(SHARED)), DataConfig.losses(SHARED))
-    assert ds.calendar.n_days == 1407 and str(ds.calendar.end) == "2025-12-31"
+    ds = build_datasets(make_world(DataConfig.losses()), DataConfig.losses())
+    assert ds.calendar.n_days == 1407 and str(ds.calendar.end) == BUNDLED_LAST_DAY
     assert ds.info["anchors"] == {"train": 621, "val": 211, "test": 211}
     assert ds.daily_sources == (("personnel", 12), ("drones", 9), ("armor", 9), ("artillery", 15))
     assert ds.info["count_transform"] == "log1p"
-    auto = build_datasets(make_world(DataConfig.losses(SHARED)), DataConfig.losses(SHARED, val_sample_stride=None))
+    auto = build_datasets(make_world(DataConfig.losses()), DataConfig.losses(val_sample_stride=None))
     assert auto.info["anchors"] == {"train": 621, "val": 10, "test": 10}
     assert auto.val.stride == 23 and auto.test.stride == 23
 
@@ -116,3 +151,64 @@ def test_valid_fatalities_csv_end_to_end(tmp_path):
     assert tr["casualty_valid"].any() and not tr["casualty_valid"].all()
     got = {float(v) for v, ok in zip(tr["fatalities"], tr["casualty_valid"]) if ok}
     assert got <= {float(v) for v in values.values()}, "targets must come from the CSV"
+
+
+def _fatalities_dir(tmp_path, first="2022-03", last="2025-11", skip="2023-06"):
+    """A folder with the bundled JSON files and a monthly ``targets_fatalities.csv`` (one month left out)."""
+    import shutil
+
+    d = tmp_path / "real"
+    d.mkdir()
+    for name in ("russia_losses_personnel.json", "russia_losses_equipment.json"):
+        shutil.copy(os.path.join(bundled_losses_dir(), name), d / name)
+    months = np.arange(np.datetime64(first), np.datetime64(last) + 1)
+    values = {str(m): 500 + 11 * i for i, m in enumerate(months) if str(m) != skip}
+    (d / "targets_fatalities.csv").write_text("date,fatalities\n" + "".join(f"{m},{v}\n" for m, v in values.items()))
+    return str(d), values
+
+
+def test_fatalities_csv_with_the_real_records(tmp_path):
+    """Through make_world + build_datasets (what train runs): each anchor's casualty target is its month's
+    CSV value, valid exactly for the months the CSV has."""
+    d, values = _fatalities_dir(tmp_path)
+    cfg = DataConfig.losses(d, d, daily_seq_len=60, monthly_seq_len=3)
+    ds = build_datasets(make_world(cfg), cfg)
+    assert [r for r in ds.report if "casualty targets from" in r and f"{len(values)} valid months" in r]
+    seen = set()
+    for split in (ds.train, ds.val, ds.test):
+        months = [str(m)[:7] for m in ds.calendar.month_starts[split.anchor_months]]
+        want_valid = np.array([m in values for m in months])
+        np.testing.assert_array_equal(split.targets["casualty_valid"], want_valid)
+        want = np.array([values.get(m, 0) for m in months], np.float32)
+        np.testing.assert_array_equal(split.targets["fatalities"], want)
+        seen.update(months)
+    assert "2023-06" in seen and "2025-12" in seen  # anchors in the CSV's gap and after its last month
+
+
+def test_train_on_real_records_with_fatalities_csv(tmp_path):
+    """``han-jax train --data losses --losses-dir DIR --monthly-csv-dir DIR --preset tiny --epochs 1``: the
+    casualty task has targets in every split and its loss is finite."""
+    from han_jax.cli import main
+
+    d, _ = _fatalities_dir(tmp_path, first="2022-02", last="2022-12", skip="2022-09")
+    run_dir = str(tmp_path / "run")
+    argv = ["train", "--data", "losses", "--losses-dir", d, "--monthly-csv-dir", d, "--preset", "tiny",
+            "--epochs", "1", "--run-dir", run_dir, "--quiet", "--no-tensorboard",
+            "--set", "data.end_date=2022-12-31"]
+    assert main(argv) == 0
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    for split, m in summary["final"].items():
+        assert m["targets/casualty"] > 0, split
+        assert np.isfinite(m["loss/casualty"]), split
+
+
+def test_viirs_csv_alone(tmp_path):
+    """targets_viirs.csv without any other CSV (its report line used to count another file's rows, or raise
+    NameError when there was none)."""
+    import shutil
+
+    shutil.copy(os.path.join(CSV_DIR, "targets_viirs.csv"), tmp_path / "targets_viirs.csv")
+    rows = sum(1 for line in open(tmp_path / "targets_viirs.csv") if line.strip()) - 1
+    w = load_losses_world(FIXTURE, str(tmp_path))
+    assert _report(w, "VIIRS anomaly targets from", f": {rows} days")
+    assert w.day_targets.anomaly_valid.any()

@@ -3,7 +3,7 @@
 from han_jax.config import MISSING_VALUE, DataConfig
 from han_jax.data.batching import gather, iterate_batches, num_batches
 from han_jax.data.layout import DataLayout, check_layout, layout_of
-from han_jax.data.loss_records import load_losses_world
+from han_jax.data.loss_records import IMPLAUSIBLE_VALUES, bundled_losses_dir, load_losses_world
 from han_jax.data.normalisation import Normalisation
 from han_jax.data.pipeline import (
     Calendar,
@@ -22,10 +22,10 @@ from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTar
 
 __all__ = [
     "COUNT_TRANSFORMS", "Calendar", "DataConfig", "DataError", "DataLayout", "Datasets", "DayTargets",
-    "InferenceWindows", "MISSING_VALUE", "MissingFileError", "MonthTargets", "NormStats", "Normalisation",
-    "SourceTable", "SplitData", "World", "build_datasets", "build_inference_windows", "check_config",
-    "check_layout", "gather", "iterate_batches", "layout_of", "load_losses_world", "make_calendar",
-    "make_synthetic_world", "make_world", "num_batches",
+    "IMPLAUSIBLE_VALUES", "InferenceWindows", "MISSING_VALUE", "MissingFileError", "MonthTargets", "NormStats",
+    "Normalisation", "SourceTable", "SplitData", "World", "build_datasets", "build_inference_windows",
+    "bundled_losses_dir", "check_config", "check_layout", "gather", "iterate_batches", "layout_of",
+    "load_losses_world", "make_calendar", "make_synthetic_world", "make_world", "num_batches",
 ]
 
 
@@ -43,5 +43,6 @@ def make_world(config: DataConfig) -> World:
     if config.source == "losses":
         if not config.losses_dir:
             raise DataError("DataConfig.source='losses' needs losses_dir; expected the directory of the JSON files")
-        return load_losses_world(config.losses_dir, config.monthly_csv_dir)
+        return load_losses_world(config.losses_dir, config.monthly_csv_dir,
+                                 implausible_values=config.implausible_values)
     raise DataError(f"DataConfig.source={config.source!r}; expected 'synthetic' or 'losses'")

@@ -25,16 +25,30 @@ the original's sources). Without target CSVs those targets are marked invalid,
 and when an ``hdx_conflict.csv`` with a ``fatalities`` column is given it also
 serves as the casualty target (the original's leakage, reported).
 
+Every numeric value is checked as it is read, before any feature work: a value
+that is not finite (``NaN``, ``Infinity``, ``1e309``, the string ``"nan"``), negative,
+or above :data:`MAX_CUMULATIVE` is a one-line ``DataError`` naming the file, field,
+date and value; with ``implausible_values="clip"`` or ``"drop"`` (``DataConfig``) it
+is clipped into range or dropped instead, with one report line each. A value that
+is not a number inside a numeric field is dropped with one report line per record;
+a field with no numeric value at all (``greatest losses direction``) is a text field,
+reported once and not used.
+
+Without ``directory`` the package's own snapshot is read (:func:`bundled_losses_dir`,
+``han_jax/data/bundled/losses/README.md``).
+
 Deliberate differences from the original: a field that never occurs keeps its
 three (zero) features so the layout stays 12/9/9/15, and non-monotonic or
-duplicate dates, negative cumulative counts, and malformed records raise
-``DataError`` instead of being sorted, kept or dropped silently.
+duplicate dates, implausible values, and malformed records raise ``DataError``
+instead of being sorted, kept or dropped silently.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import json
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -80,13 +94,40 @@ KNOWN_RENAMES = {("military_auto", "fuel_tank"): "vehicles_and_fuel_tanks"}
 USED_EQUIPMENT = ("drone", "cruise_missiles", "tank", "APC", "field_artillery", "MRL",
                   "anti_aircraft_warfare", "mobile_SRBM_system")
 
+# Plausibility ceiling of every cumulative counter. The real data's largest value is personnel
+# 1,207,910 on 2025-12-31 (the largest equipment counter, drone, is 97,684; the largest one-day
+# increase of any counter is personnel's 3,160): 1e7 leaves about 8x headroom for newer files
+# and still catches an exponent or unit slip (1e30, a count in the billions).
+MAX_CUMULATIVE = 1e7
+# What the loader does with a value that fails the checks (DataConfig.implausible_values).
+IMPLAUSIBLE_VALUES = ("error", "clip", "drop")
+BUNDLED = ("bundled", "losses")
+
 
 def _norm(name: str) -> str:
     return name.replace(" ", "_").replace("-", "_")
 
 
-def _read_json(path: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-    """Records -> (dates, {normalised field: float array with NaN where absent})."""
+def bundled_losses_dir() -> str:
+    """The snapshot of the two JSON files shipped inside the package: the default of ``--losses-dir``,
+    so ``--data losses`` works from any clone, install and working directory."""
+    path = importlib.resources.files("han_jax.data").joinpath(*BUNDLED)
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: the bundled loss-record snapshot is missing from this installation; "
+                               "expected it as package data (or pass --losses-dir)")
+    return os.fspath(path)
+
+
+def check_implausible_values(value) -> str:
+    """The configured handling of implausible values; raises a one-line ``DataError`` for an unknown one."""
+    if value not in IMPLAUSIBLE_VALUES:
+        allowed = ", ".join(repr(v) for v in IMPLAUSIBLE_VALUES)
+        raise DataError(f"DataConfig.implausible_values={value!r}; expected one of {allowed}")
+    return value
+
+
+def _load_records(path: str) -> list:
+    """The file's JSON list of records (non-empty), or a one-line error naming the file."""
     if not os.path.exists(path):
         raise MissingFileError(f"{path}: file not found; expected the 2022-Ukraine-Russia-War-Dataset JSON here")
     try:
@@ -96,6 +137,11 @@ def _read_json(path: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         raise DataError(f"{path}: not valid JSON ({e}); expected a list of daily records") from e
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of daily records")
+    return data
+
+
+def _record_dates(data: list, path: str) -> np.ndarray:
+    """Each record's ``date`` (strictly increasing), or an error naming the record."""
     dates = []
     for i, r in enumerate(data):
         if not isinstance(r, dict) or "date" not in r:
@@ -106,18 +152,109 @@ def _read_json(path: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
             raise DataError(f"{path}: record {i} has date {r['date']!r}; expected YYYY-MM-DD") from e
     dates = np.array(dates, dtype="datetime64[D]")
     check_dates(dates, path)
+    return dates
+
+
+def _as_number(v) -> Optional[float]:
+    """A JSON number, or a string that spells one ("12", "nan"), as a float; None for anything else."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        try:
+            return float(v)
+        except OverflowError:  # an int too large for a float
+            return math.inf
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _implausible(x: float) -> Optional[Tuple[str, str]]:
+    """(what is wrong, what was expected) for a value no cumulative counter can have; None when plausible."""
+    if not math.isfinite(x):
+        return "not finite", "a finite number"
+    if x < 0:
+        return "negative", "non-negative cumulative counts"
+    if x > MAX_CUMULATIVE:
+        return (f"above the ceiling {MAX_CUMULATIVE:g}",
+                f"at most {MAX_CUMULATIVE:g} (the plausibility ceiling of a cumulative count)")
+    return None
+
+
+def _show(v) -> str:
+    """A record's value as the user would recognise it in the file."""
+    if v is None:
+        return "null"
+    return repr(v) if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _checked(path: str, field: str, date, v, how: str, report: List[str]) -> Optional[float]:
+    """One record's value of a numeric field after the checks; None when it is dropped (always reported)."""
+    where = f"{os.path.basename(path)}: field '{field}' on {date}"
+    x = _as_number(v)
+    if x is None:
+        note(report, f"{where} is {_show(v)}, not a number; that record's value is dropped "
+                     "(missing: deltas 0 around it)")
+        return None
+    bad = _implausible(x)
+    if bad is None:
+        return x
+    if how == "error":
+        raise DataError(f"{path}: field '{field}' is {_show(v)} on {date}; expected {bad[1]} "
+                        "(data.implausible_values=clip or drop repairs such values instead, with a report line)")
+    if how == "clip" and not math.isnan(x):
+        y = min(max(x, 0.0), MAX_CUMULATIVE)
+        note(report, f"{where} is {_show(v)} ({bad[0]}); clipped to {y:g} (data.implausible_values=clip)")
+        return y
+    why = " (NaN cannot be clipped)" if how == "clip" else ""
+    note(report, f"{where} is {_show(v)} ({bad[0]}); dropped{why}, missing: deltas 0 around it "
+                 f"(data.implausible_values={how})")
+    return None
+
+
+def _numeric_fields(data: list) -> set:
+    """The fields with at least one numeric value; the others are text fields (not used)."""
+    return {k for r in data for k, v in r.items() if k not in ("date", "day") and _as_number(v) is not None}
+
+
+def _read_json(path: str, how: str = "error", report: Optional[List[str]] = None
+               ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """Records -> (dates, {normalised field: float array with NaN where absent or dropped}).
+
+    Every value is checked here, before any feature work, so a bad file fails fast;
+    what is dropped, clipped, read from text or not used goes into ``report``.
+    """
+    report = [] if report is None else report
+    fname = os.path.basename(path)
+    data = _load_records(path)
+    dates = _record_dates(data, path)
+    numeric = _numeric_fields(data)
     fields: Dict[str, np.ndarray] = {}
+    text_fields, from_text = set(), {}
     for i, r in enumerate(data):
         for k, v in r.items():
-            if k in ("date", "day") or v is None:
+            if k in ("date", "day"):
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                fields.setdefault("__text__" + _norm(k), np.zeros(0))
+            if k not in numeric:
+                text_fields.add(k)
                 continue
+            x = _checked(path, k, dates[i], v, how, report)
+            if x is None:
+                continue
+            if isinstance(v, str):
+                from_text.setdefault(k, []).append(dates[i])
             key = _norm(k)
             if key not in fields:
                 fields[key] = np.full(len(data), np.nan)
-            fields[key][i] = float(v)
+            fields[key][i] = x
+    for k, days in from_text.items():
+        note(report, f"{fname}: field '{k}' has {len(days)} value(s) written as text (first on {days[0]}); "
+                     "read as numbers")
+    if text_fields:
+        note(report, f"{fname}: text field(s) {sorted(text_fields)} (no numeric value in any record) not used")
     return dates, fields
 
 
@@ -141,11 +278,8 @@ def _pick(fields, canonical, path, report) -> Optional[np.ndarray]:
 
 
 def _coverage(name, x, dates, fname, report) -> None:
-    """Report late starts, early stops and gaps of one counter, and check counts are non-negative."""
+    """Report late starts, early stops and gaps of one counter (its values were checked by ``_read_json``)."""
     ok = ~np.isnan(x)
-    if np.any(x[ok] < 0):
-        i = int(np.flatnonzero(ok & (x < 0))[0])
-        raise DataError(f"{fname}: field '{name}' is {x[i]:g} on {dates[i]}; expected non-negative cumulative counts")
     first, last = np.flatnonzero(ok)[[0, -1]]
     span_all = (dates[0], dates[-1])
     msgs = []
@@ -171,13 +305,20 @@ def _complete(dates, x) -> Tuple[np.ndarray, np.ndarray]:
     return full, out
 
 
-def load_losses_world(directory: str, monthly_csv_dir: Optional[str] = None) -> World:
-    """The real-data ``World``; read ``World.report`` for what was found, filled or dropped."""
+def load_losses_world(directory: Optional[str] = None, monthly_csv_dir: Optional[str] = None, *,
+                      implausible_values: str = "error") -> World:
+    """The real-data ``World``; read ``World.report`` for what was found, filled, clipped or dropped.
+
+    ``directory`` None reads the bundled snapshot; ``implausible_values`` is ``"error"``
+    (the default: a bad value stops the load), ``"clip"`` or ``"drop"``.
+    """
+    how = check_implausible_values(implausible_values)
+    directory = bundled_losses_dir() if directory is None else directory
     report: List[str] = []
     p_path = os.path.join(directory, PERSONNEL_FILE)
     e_path = os.path.join(directory, EQUIPMENT_FILE)
-    p_dates, p_fields = _read_json(p_path)
-    e_dates, e_fields = _read_json(e_path)
+    p_dates, p_fields = _read_json(p_path, how, report)
+    e_dates, e_fields = _read_json(e_path, how, report)
 
     for path, dates, fields in ((p_path, p_dates, p_fields), (e_path, e_dates, e_fields)):
         fname = os.path.basename(path)
@@ -188,9 +329,6 @@ def load_losses_world(directory: str, monthly_csv_dir: Optional[str] = None) -> 
             note(report, f"{fname}: {int(gaps.sum())} missing days in {len(i)} gap(s) ({spans}"
                          f"{', ...' if len(i) > 5 else ''}); deltas are 0 there and on the day after, "
                          "as in the original")
-        text = sorted(k[8:] for k in fields if k.startswith("__text__"))
-        if text:
-            note(report, f"{fname}: non-numeric field(s) {text} ignored")
         for (olds, new) in KNOWN_RENAMES.items():
             if all(o in fields for o in olds) and new in fields:
                 last_old = max(dates[~np.isnan(fields[o])][-1] for o in olds)
@@ -229,8 +367,7 @@ def load_losses_world(directory: str, monthly_csv_dir: Optional[str] = None) -> 
         cols, _ = fe.EQUIPMENT_SOURCES[src]
         daily[src] = SourceTable(src, full_e, fe.equipment_features([counters[c] for c in cols]),
                                  fe.equipment_feature_names(src), e_path)
-    unused = sorted(k for k in e_fields if not k.startswith("__text__")
-                    and not any(k in ALIASES.get(c, (c,)) for c in USED_EQUIPMENT))
+    unused = sorted(k for k in e_fields if not any(k in ALIASES.get(c, (c,)) for c in USED_EQUIPMENT))
     spans = []
     for k in unused:
         seen = e_dates[~np.isnan(e_fields[k])]
@@ -334,9 +471,12 @@ def _read_csv(path: str, monthly: bool) -> Tuple[np.ndarray, Tuple[str, ...], np
                 continue
             c = c.strip()
             try:
-                row.append(float(c) if c not in ("", "NA", "NaN", "nan") else np.nan)
+                x = float(c) if c not in ("", "NA", "NaN", "nan") else np.nan
             except ValueError as e:
                 raise DataError(f"{path}: line {ln}, column '{header[i]}' is {c!r}; expected a number or empty") from e
+            if np.isinf(x):
+                raise DataError(f"{path}: line {ln}, column '{header[i]}' is {c!r}; expected a finite number or empty")
+            row.append(x)
         dates.append(d)
         vals.append(row)
     if not dates:
@@ -396,5 +536,5 @@ def _read_monthly_dir(directory: Optional[str], report):
     vpath = os.path.join(directory, TARGET_VIIRS)
     if os.path.exists(vpath):
         radiance = _target_column(vpath, "radiance_mean", monthly=False)
-        note(report, f"VIIRS anomaly targets from {vpath}: {len(d)} days")
+        note(report, f"VIIRS anomaly targets from {vpath}: {len(radiance[0])} days")
     return monthly, month_t, radiance

@@ -37,6 +37,7 @@ from han_jax.data.alignment import (
     select_sources,
 )
 from han_jax.data.layout import DataLayout, check_layout, layout_of
+from han_jax.data.loss_records import check_implausible_values
 from han_jax.data.normalisation import (
     Normalisation,
     NormalisedSources,
@@ -264,6 +265,7 @@ def _array_store(normalised: NormalisedSources, sources: SourceSelection, cfg: D
 def check_config(cfg: DataConfig) -> None:
     """The checks of a ``DataConfig`` that need no data (run before any world is built or loaded)."""
     check_count_transform(cfg.count_transform)
+    check_implausible_values(cfg.implausible_values)
     s = cfg.val_sample_stride
     if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1):
         raise DataError(
