@@ -23,6 +23,7 @@ import numpy as np
 
 from han_jax.config import PRESETS
 from han_jax.data.world import DataError
+from han_jax.runs import RunLocked
 from han_jax.validation import ConfigError, check_batching, check_int, validate_config
 
 
@@ -31,7 +32,7 @@ class CommandError(Exception):
 
 
 # What a command reports in one line (exit status 2) instead of a traceback: the user's to fix, not a bug.
-USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExistsError, RunLocked)
 
 
 def _coerce(value: str, annotation, current):
@@ -134,7 +135,8 @@ def _common(p):
                    help="small: the README's main job; tiny: tests; default: the original's full-size model and data")
     p.add_argument("--data", choices=("synthetic", "losses"), default="synthetic",
                    help="embedded synthetic world (default) or the real public loss data")
-    p.add_argument("--losses-dir", help="directory of russia_losses_*.json (default ../shared/data/losses)")
+    p.add_argument("--losses-dir", help="directory of russia_losses_*.json (default: the snapshot bundled with "
+                                        "han-jax, to 2025-12-31; see README 'Real data')")
     p.add_argument("--monthly-csv-dir", help="optional monthly source / target CSVs for real data (see README)")
     p.add_argument("--policy", help="precision policy: f32, bf16, f16 or params=..,compute=..,output=..")
     p.add_argument("--seed", type=int)
@@ -146,11 +148,22 @@ def cmd_train(args) -> int:
     config = build_config(args)
     if args.stop_after_epoch is not None:
         check_int("--stop-after-epoch", args.stop_after_epoch, minimum=0)
+    overrides = _resume_overrides(args)
     _force_host_devices(config.train.num_devices)
     from han_jax.train import train
 
-    train(config, args.run_dir, resume=args.resume, quiet=args.quiet, stop_after_epoch=args.stop_after_epoch)
+    train(config, args.run_dir, resume=args.resume, resume_overrides=overrides, quiet=args.quiet,
+          stop_after_epoch=args.stop_after_epoch)
     return 0
+
+
+def _resume_overrides(args) -> list:
+    """The dotted field names of every ``--resume-override FIELD[,FIELD]``, which only ``--resume`` reads."""
+    names = [name.strip() for item in args.resume_override or [] for name in item.split(",") if name.strip()]
+    if names and not args.resume:
+        raise ConfigError(f"--resume-override {','.join(names)}: expected with --resume (a new run has nothing to "
+                          "override)")
+    return names
 
 
 def cmd_audit(args) -> int:
@@ -209,8 +222,11 @@ def _force_host_devices(n) -> None:
 
 
 def _default_losses_dir() -> str:
-    """``../shared/data/losses`` from the working directory: where the public loss data sits beside a checkout."""
-    return os.path.join(os.path.dirname(os.path.abspath(os.getcwd())), "shared", "data", "losses")
+    """The loss-record snapshot bundled with the package (han_jax/data/bundled/losses): the same files from
+    any clone, install or working directory; ``--losses-dir`` points at newer ones."""
+    from han_jax.data.loss_records import bundled_losses_dir
+
+    return bundled_losses_dir()
 
 
 def _data_overrides(args) -> dict:
@@ -302,7 +318,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--devices", type=int, help="pmap over this many local devices")
-    p.add_argument("--resume", action="store_true", help="continue from run-dir's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from run-dir's latest checkpoint, with the configuration it was trained with")
+    p.add_argument("--resume-override", action="append", metavar="FIELD[,FIELD]",
+                   help="with --resume: allow these fields (e.g. step.optim.learning_rate) to differ from the run's "
+                        "config.json (epochs, patience and reporting may differ without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (CI)")
     p.add_argument("--stop-after-epoch", type=int, help="end after this epoch's checkpoint (resume later)")
     p.add_argument("--no-tensorboard", action="store_true",
@@ -326,7 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--data", choices=("synthetic", "losses"), help="the kind of data (default: the run's)")
     p.add_argument("--losses-dir", help="directory of russia_losses_*.json (with --data losses: default "
-                                        "../shared/data/losses)")
+                                        "the snapshot bundled with han-jax)")
     p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")
     p.add_argument("--set", action="append", metavar="data.FIELD=VALUE",
                    help="change where the data comes from, e.g. data.n_days=400 (data fields only)")

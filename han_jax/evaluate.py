@@ -21,7 +21,7 @@ from han_jax.baselines import baseline_metrics, fit_baselines, skill, split_targ
 from han_jax.config import TASK_NAMES, Config, config_from_dict
 from han_jax.data import Datasets, SplitData, iterate_batches
 from han_jax.metrics import SplitAccumulator, forecast_sources
-from han_jax.runs import load_checkpoint, prepare, replicate
+from han_jax.runs import load_checkpoint, prepare, replicate, write_json
 from han_jax.steps import jit_steps, pmap_steps
 from han_jax.validation import check_batching
 
@@ -187,6 +187,5 @@ def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional
     log(metrics_table(final, title=f"{run_dir} ({checkpoint} checkpoint, batch size {batch_size}, "
                                    f"{num_devices} device(s)): exact split metrics"))
     if out:
-        with open(out, "w") as f:
-            json.dump(final, f, indent=1)
+        write_json(out, final)
     return final

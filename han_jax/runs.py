@@ -11,15 +11,22 @@ normalised with) and ``layout.json`` (sources and feature names, in order), each
 written atomically by :func:`write_run_description`, so :func:`load_run` can
 predict on new data without the training data. :func:`write_run_folder` writes a
 whole folder from a state (for states that were not trained here).
+
+A run folder has one writer at a time (:func:`lock_run_dir`), and a resumed run
+must ask for the configuration it was trained with (:func:`check_resume_config`),
+both checked before anything in the folder changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import signal
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,7 @@ from han_jax.data import (
     make_world,
     num_batches,
 )
+from han_jax.precision import Policy
 from han_jax.steps import TrainState, create_train_state, jit_forward
 from han_jax.validation import ConfigError
 
@@ -45,6 +53,16 @@ CONFIG_FILE = "config.json"
 NORM_STATS_FILE = "norm_stats.npz"
 LAYOUT_FILE = "layout.json"
 CHECKPOINTS = ("best", "latest")
+LOCK_FILE = ".lock"
+# Test hook (tests/test_run_safety.py): EPOCH, or EPOCH:best, kills the process with SIGKILL in the middle of
+# that epoch's ``latest`` (or ``best``) checkpoint save; see Checkpoints.save.
+KILL_IN_SAVE_ENV = "HAN_JAX_TEST_KILL_IN_SAVE"
+# Fields a resumed run may change without --resume-override: they decide how long the loop runs and what
+# it reports, not what a step computes. ``train.epochs`` is also the length of the learning-rate schedule:
+# extending a run stretches the cosine decay from the resumed epoch on, which is what extending a run means.
+RESUME_SAFE_FIELDS = ("train.epochs", "train.patience", "train.tensorboard", "train.score_test_each_epoch")
+# Set by ``prepare`` from fields that are compared themselves (the data, the batch size, the accumulation).
+RESUME_DERIVED_FIELDS = ("step.optim.steps_per_epoch",)
 # DataConfig fields that shape a model's inputs: new data must be cut and scaled as the run's was.
 WINDOW_FIELDS = ("daily_seq_len", "monthly_seq_len", "prediction_horizon", "count_transform", "missing_value",
                  "daily_sources", "monthly_sources", "daily_forecast_targets", "daily_forecast_horizon")
@@ -72,7 +90,15 @@ def prepare(config: Config, log=None) -> tuple[Datasets, Config]:
 
 
 class Checkpoints:
-    """Latest and best train states with orbax, plus the loop's JSON metadata."""
+    """Latest and best train states with orbax, plus the loop's JSON metadata.
+
+    Crash safety: orbax writes a step into a temporary folder and renames it into
+    place when complete, and drops the previous step (``max_to_keep=1``) only
+    after that; a writing manager deletes temporary folders left by an
+    interrupted save when it opens, so ``latest_step`` is always a complete
+    checkpoint. The loop saves ``latest`` before ``best``, so ``best`` can only lag
+    ``latest`` by the epoch being saved: :meth:`resume` repairs that case.
+    """
 
     def __init__(self, run_dir: str, create: bool = True):
         import orbax.checkpoint as ocp
@@ -82,15 +108,20 @@ class Checkpoints:
         # Read-only managers get the values orbax would otherwise reset (with a warning each).
         opts = ocp.CheckpointManagerOptions(max_to_keep=1 if create else None, create=create,
                                             save_interval_steps=1 if create else 0,
-                                            enable_async_checkpointing=False, read_only=not create)
+                                            enable_async_checkpointing=False, read_only=not create,
+                                            cleanup_tmp_directories=create)
         root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=opts)
         self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=opts)
 
     def save(self, manager, epoch: int, state: TrainState, meta: dict) -> None:
         ocp = self._ocp
-        manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        manager.wait_until_finished()
+        with _test_kill_in_save("latest" if manager is self.latest else "best", epoch):
+            saved = manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)))
+            manager.wait_until_finished()
+        if not saved:  # orbax skips, silently, a step at or below the newest one on disk
+            raise RuntimeError(f"{manager.directory}: epoch {epoch} not saved; it holds epoch {manager.latest_step()}")
 
     def restore(self, manager, template: TrainState):
         ocp = self._ocp
@@ -106,9 +137,52 @@ class Checkpoints:
         state = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), out.state)
         return state, out.meta
 
+    def resume(self, template: TrainState, log=print):
+        """The ``latest`` state and metadata, with ``best`` brought up to date first.
+
+        A run killed between saving an improved epoch's ``latest`` and its ``best``
+        resumes after that epoch, yet ``best`` holds an older one: the final scoring
+        would then read another state than ``best_epoch`` names. That epoch's state
+        is the restored one, so it is saved as ``best`` again.
+        """
+        state, meta = self.restore(self.latest, template)
+        if state is not None and meta["best_epoch"] == meta["epoch"] and self.best.latest_step() != meta["epoch"]:
+            log(f"checkpoints/best: completing epoch {meta['epoch']}'s save, interrupted before")
+            self.save(self.best, meta["epoch"], state, meta)
+        return state, meta
+
     def close(self):
         self.latest.close()
         self.best.close()
+
+
+@contextlib.contextmanager
+def _test_kill_in_save(which: str, epoch: int) -> Iterator[None]:
+    """Test hook: with ``HAN_JAX_TEST_KILL_IN_SAVE`` naming this save, SIGKILL the process in its middle.
+
+    ``EPOCH`` names that epoch's ``latest`` save, ``EPOCH:best`` its ``best`` save.
+    The kill comes after orbax has written the whole step into its temporary
+    folder and before the rename that commits it: the last moment a crash or
+    ``kill -9`` can leave a save unfinished. ``tests/test_run_safety.py`` uses it
+    to check that ``--resume`` then starts from the previous complete checkpoint.
+    Unset (always, outside that test) it does nothing.
+    """
+    wanted = os.environ.get(KILL_IN_SAVE_ENV)
+    if wanted != (str(epoch) if which == "latest" else f"{epoch}:{which}"):
+        yield
+        return
+    rename = os.rename
+
+    def rename_or_die(src, dst, *args, **kwargs):
+        if ".orbax-checkpoint-tmp" in os.fspath(src):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rename(src, dst, *args, **kwargs)
+
+    os.rename = rename_or_die
+    try:
+        yield
+    finally:
+        os.rename = rename
 
 
 def replicate(tree, n):
@@ -158,6 +232,20 @@ def load_checkpoint(run_dir: str, which: str, config: Config, datasets: Optional
     return state
 
 
+def checkpoint_epoch(run_dir: str, which: str = "latest") -> Optional[int]:
+    """The epoch of the folder's complete ``latest`` (or ``best``) checkpoint; None if there is none.
+
+    A save interrupted before orbax committed it does not count: ``--resume`` starts after this epoch.
+    """
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints", which)):
+        return None
+    ckpt = Checkpoints(run_dir, create=False)
+    try:
+        return getattr(ckpt, which).latest_step()
+    finally:
+        ckpt.close()
+
+
 # ---------------------------------------------------------------------------
 # Self-describing run folders.
 # ---------------------------------------------------------------------------
@@ -185,6 +273,148 @@ def atomic_write(path: str, write: Callable, *, binary: bool = False) -> None:
         raise
 
 
+def write_json(path: str, data) -> None:
+    """``data`` as indented JSON, written atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=1))
+
+
+# ---------------------------------------------------------------------------
+# One writer per run folder.
+# ---------------------------------------------------------------------------
+
+
+class RunLocked(Exception):
+    """Another process is writing the run folder. The message is one line naming the folder and its pid."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str, command: str) -> Iterator[None]:
+    """Holds the run folder's lock file, ``run_dir/.lock``, for the block: one writer per run folder.
+
+    Two writers would interleave ``metrics.jsonl``, overwrite each other's
+    ``config.json`` and race on the checkpoints. The lock is ``flock`` on the open
+    file, which the OS drops when its process exits or is killed: a lock file left
+    by a dead process is free and simply taken over, with no guessing from pids.
+    The file holds the holder's pid and ``command`` for the message only. It is
+    removed on release, while still held; an acquirer that finds the file it
+    locked unlinked meanwhile tries again on the new one. Readers (``evaluate``,
+    ``predict``) do not take it.
+
+    Args:
+      run_dir: the folder; created if absent, and removed again on release if
+        it is then empty (a run that failed its checks leaves nothing behind).
+      command: what the holder is, e.g. ``"han-jax train"``.
+
+    Raises:
+      RunLocked: another process holds the folder.
+    """
+    path = os.path.join(run_dir, LOCK_FILE)
+    created = not os.path.isdir(run_dir)
+    fd = _acquire_lock(path, run_dir)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the folder is a run now
+                os.rmdir(run_dir)
+
+
+def _acquire_lock(path: str, run_dir: str) -> int:
+    """An open, flock-ed descriptor of the lock file at ``path``, or :class:`RunLocked`."""
+    while True:
+        os.makedirs(run_dir, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a releasing holder removed the folder it had created: again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split(maxsplit=1)
+            os.close(fd)
+            who = f"pid {holder[0]} ({holder[1].strip()})" if len(holder) == 2 else "another process"
+            raise RunLocked(f"run folder {run_dir} is in use by {who}; wait for it or use another --run-dir") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file its holder had just removed: lock the one at the path now
+
+
+# ---------------------------------------------------------------------------
+# Resuming: the saved configuration against the requested one.
+# ---------------------------------------------------------------------------
+
+
+def read_run_config(run_dir: str) -> Config:
+    """The :class:`Config` of a run folder's ``config.json``."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; expected a run folder written by 'han-jax train'")
+    with open(path) as f:
+        return config_from_dict(json.load(f), where=path)
+
+
+def flatten_config(node, prefix: str = "") -> dict:
+    """Every field of a config tree by dotted name: ``{"model.d_model": 16, "step.optim.learning_rate": ...}``."""
+    fields = {}
+    for field in dataclasses.fields(node):
+        value, name = getattr(node, field.name), prefix + field.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, Policy):
+            fields.update(flatten_config(value, name + "."))
+        else:
+            fields[name] = value
+    return fields
+
+
+def check_resume_config(saved: Config, requested: Config, overrides: Iterable[str] = (), *,
+                        where: str = CONFIG_FILE) -> list:
+    """Checks that a resumed run asks for the configuration its checkpoint was trained with.
+
+    Both are compared field by field as ``train`` resolves them (:func:`prepare`).
+    A field in :data:`RESUME_SAFE_FIELDS` (how long the loop runs, what it
+    reports) may change; any other changes the model, the data or the optimiser,
+    so the resumed run would silently be another experiment (or fail deep in the
+    checkpoint restore): it is an error unless named in ``overrides``. The
+    fields :func:`prepare` derives (:data:`RESUME_DERIVED_FIELDS`) follow the
+    fields they come from.
+
+    Args:
+      saved: the run folder's configuration (:func:`read_run_config`).
+      requested: the configuration asked for now.
+      overrides: dotted field names allowed to differ (``--resume-override``).
+      where: the saved file, for the message.
+
+    Returns:
+      The dotted names of the fields that differ (all allowed), for the log.
+
+    Raises:
+      ConfigError: one line listing every refused field with its saved and
+        requested value, or naming an override that is no field.
+    """
+    old, new = flatten_config(saved), flatten_config(requested)
+    unknown = [name for name in overrides if name not in new]
+    if unknown:
+        raise ConfigError(f"--resume-override {','.join(unknown)}: no such configuration field; expected dotted "
+                          "names such as step.optim.learning_rate")
+    differ = [name for name in new if name not in RESUME_DERIVED_FIELDS and old[name] != new[name]]
+    refused = [name for name in differ if name not in RESUME_SAFE_FIELDS and name not in overrides]
+    if refused:
+        changes = ", ".join(f"{name} (saved {_shown(old[name])}, requested {_shown(new[name])})" for name in refused)
+        raise ConfigError(f"--resume: {where} differs in {changes}; these change the model, data or optimiser: ask "
+                          f"for the saved values, or allow them with --resume-override {','.join(refused)}")
+    return differ
+
+
+def _shown(value) -> str:
+    return json.dumps(config_to_dict(value))
+
+
 def write_run_description(run_dir: str, config: Config, normalisation: Normalisation, layout: DataLayout) -> None:
     """``config.json``, ``norm_stats.npz`` and ``layout.json``: what a run needs to be used without its data.
 
@@ -203,10 +433,10 @@ def write_run_description(run_dir: str, config: Config, normalisation: Normalisa
         if set(getattr(normalisation.stats, kind).mean) != set(names):
             raise ValueError(f"normalisation {kind} sources {list(getattr(normalisation.stats, kind).mean)} "
                              f"do not match the layout's {names}")
-    atomic_write(os.path.join(run_dir, CONFIG_FILE), lambda f: json.dump(config_to_dict(config), f, indent=1))
+    write_json(os.path.join(run_dir, CONFIG_FILE), config_to_dict(config))
     atomic_write(os.path.join(run_dir, NORM_STATS_FILE), lambda f: np.savez(f, **normalisation.to_arrays()),
                  binary=True)
-    atomic_write(os.path.join(run_dir, LAYOUT_FILE), lambda f: json.dump(layout.to_dict(), f, indent=1))
+    write_json(os.path.join(run_dir, LAYOUT_FILE), layout.to_dict())
 
 
 def write_run_folder(run_dir: str, config: Config, state: TrainState, normalisation: Normalisation,
@@ -309,17 +539,13 @@ def load_run(run_dir: str, checkpoint: str = "best") -> Run:
     """
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"checkpoint {checkpoint!r}: expected 'best' or 'latest'")
-    if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
-        raise FileNotFoundError(f"{os.path.join(run_dir, CONFIG_FILE)}: not found; expected a run folder written by "
-                                "'han-jax train'")
+    config = read_run_config(run_dir)
     missing = [name for name in (NORM_STATS_FILE, LAYOUT_FILE) if not os.path.exists(os.path.join(run_dir, name))]
     if missing:
         raise FileNotFoundError(
             f"{run_dir}: no {' or '.join(missing)}; this run folder was written before han-jax saved the "
             "normalisation statistics and the data layout with a run, so it cannot predict on new data: train it "
             "again (han-jax evaluate still scores it on its own data)")
-    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
-        config = config_from_dict(json.load(f), where=os.path.join(run_dir, CONFIG_FILE))
     with np.load(os.path.join(run_dir, NORM_STATS_FILE), allow_pickle=False) as arrays:
         normalisation = Normalisation.from_arrays(dict(arrays), where=os.path.join(run_dir, NORM_STATS_FILE))
     with open(os.path.join(run_dir, LAYOUT_FILE)) as f:

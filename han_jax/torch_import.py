@@ -947,7 +947,8 @@ def import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log=print):
     sources and feature counts, and its training split gives the normalisation
     (the original fits its z-scores on its training split the same way).
     Nothing about the weights is changed: ``evaluate`` and ``predict`` then
-    score the original's model through han-jax's shared path.
+    score the original's model through han-jax's shared path. The folder's
+    lock (:func:`han_jax.runs.lock_run_dir`) is held throughout.
 
     Args:
       checkpoint: a read checkpoint (:func:`read_torch_checkpoint`).
@@ -962,6 +963,14 @@ def import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log=print):
       CheckpointMismatch: the weights do not fit the inferred model, or the
         data's layout differs from the checkpoint's (the message names it).
     """
+    from han_jax.runs import lock_run_dir
+
+    with lock_run_dir(run_dir, "han-jax import-torch"):
+        return _import_run(checkpoint, run_dir, config, log=log)
+
+
+def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
+    """:func:`import_run`'s body, run while holding the folder's lock."""
     import jax.numpy as jnp
 
     from han_jax.precision import make_loss_scale

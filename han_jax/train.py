@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,20 @@ from han_jax.evaluate import (
 )
 from han_jax.metrics import MetricAccumulator
 from han_jax.predict import concat_tables, plot_forecast, prediction_table
-from han_jax.runs import Checkpoints, prepare, replicate, unreplicate, write_run_description
+from han_jax.runs import (
+    CONFIG_FILE,
+    Checkpoints,
+    atomic_write,
+    check_resume_config,
+    checkpoint_epoch,
+    lock_run_dir,
+    prepare,
+    read_run_config,
+    replicate,
+    unreplicate,
+    write_json,
+    write_run_description,
+)
 from han_jax.steps import create_train_state, jit_steps, pmap_steps
 from han_jax.summaries import open_writer, write_scalars
 from han_jax.validation import ConfigError, validate_config
@@ -91,8 +104,8 @@ def _epoch_line(epoch, train_m, val_m, best_marker) -> str:
     )
 
 
-def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = False, log=print,
-          stop_after_epoch: Optional[int] = None) -> dict:
+def train(config: Config, run_dir: str, *, resume: bool = False, resume_overrides: Sequence[str] = (),
+          quiet: bool = False, log=print, stop_after_epoch: Optional[int] = None) -> dict:
     """Trains, early-stops on validation ``weighted_total``, scores the best state on every split.
 
     Writes into ``run_dir``: ``config.json``, ``norm_stats.npz`` and ``layout.json``
@@ -102,23 +115,47 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
     ``TrainConfig.tensorboard`` is on), ``summary.json``, ``curves.png``, and from the
     final scoring of the best checkpoint ``predictions.csv`` (every split's rows,
     :mod:`han_jax.predict`) and ``forecast.png``; checkpoints go to
-    ``run_dir/checkpoints/{latest,best}``.
+    ``run_dir/checkpoints/{latest,best}``. Every file but ``metrics.jsonl`` (appended
+    an epoch at a time, cut back on resume) is replaced atomically.
+
+    The run holds the folder's lock (:func:`han_jax.runs.lock_run_dir`) from
+    before its first write to its end; another writer fails at once with
+    :class:`han_jax.runs.RunLocked`. With ``resume``, the folder's
+    ``config.json`` must match ``config`` but for the fields
+    :func:`han_jax.runs.check_resume_config` allows and those named in
+    ``resume_overrides``; the folder is not changed before that check passes.
     """
     # Nothing is written and nothing compiled until the configuration and the data are known good: a bad
     # value fails here in one line (ConfigError / DataError), leaving no half-made run folder behind.
     validate_config(config)
+    with lock_run_dir(run_dir, "han-jax train"):
+        return _train(config, run_dir, resume=resume, resume_overrides=resume_overrides, quiet=quiet, log=log,
+                      stop_after_epoch=stop_after_epoch)
+
+
+def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequence[str], quiet: bool, log,
+           stop_after_epoch: Optional[int]) -> dict:
+    """:func:`train`'s body, run while holding the folder's lock."""
     tc = config.train
     latest_dir = os.path.join(run_dir, "checkpoints", "latest")
-    if resume and not os.path.isdir(latest_dir):
-        raise FileNotFoundError(f"--resume: no checkpoint under {latest_dir}")
+    if resume and checkpoint_epoch(run_dir) is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {latest_dir}")
+    if not resume and any(checkpoint_epoch(run_dir, which) is not None for which in ("latest", "best")):
+        # orbax would skip every epoch up to the old run's and the final scoring would read its state.
+        raise FileExistsError(f"{os.path.join(run_dir, 'checkpoints')}: holds another run's checkpoints; expected "
+                              "--resume to continue it, or another --run-dir")
     if tc.num_devices > jax.local_device_count():
         raise ConfigError(f"train.num_devices={tc.num_devices}: expected at most the {jax.local_device_count()} "
                           f"local {jax.default_backend()} device(s)")
+    saved = read_run_config(run_dir) if resume else None
     log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
     datasets, config = prepare(config, log=log)
+    if resume:
+        changed = check_resume_config(saved, config, resume_overrides, where=os.path.join(run_dir, CONFIG_FILE))
+        if changed:
+            log(f"resume: configuration changed in {', '.join(changed)}")
     # The configuration the steps ran with (the model layout from the data; config_from_dict rebuilds
     # it), and the normalisation and layout of its inputs: the folder alone can predict on new data.
-    os.makedirs(run_dir, exist_ok=True)
     write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
     n_train_batches = num_batches(datasets.train, tc.batch_size)
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))
@@ -130,7 +167,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
     history, best_val, best_epoch, bad_epochs, start_epoch = [], math.inf, -1, 0, 0
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if resume:
-        restored, meta = ckpt.restore(ckpt.latest, state)
+        restored, meta = ckpt.resume(state, log=log)
         if restored is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(run_dir, 'checkpoints', 'latest')}")
         state = restored
@@ -176,12 +213,14 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
             log(f"    {collapsed}")
         if epoch == start_epoch and fallback_tasks(train_m):
             log(f"    no targets (fallback regulariser only) for: {', '.join(fallback_tasks(train_m))}")
-        with open(metrics_path, "a") as f:
-            for phase, m in phases.items():
-                shared = {k: v for k, v in m.items() if k in val_m}
-                extra = {k: v for k, v in m.items() if k not in val_m}
-                f.write(json.dumps({"epoch": epoch, "phase": phase, "metrics": shared, "extra": extra}) + "\n")
-                write_scalars(writer, epoch, phase, m)
+        lines = []
+        for phase, m in phases.items():
+            shared = {k: v for k, v in m.items() if k in val_m}
+            extra = {k: v for k, v in m.items() if k not in val_m}
+            lines.append(json.dumps({"epoch": epoch, "phase": phase, "metrics": shared, "extra": extra}) + "\n")
+            write_scalars(writer, epoch, phase, m)
+        with open(metrics_path, "a") as f:  # one write: a crash tears at most this epoch's last line
+            f.write("".join(lines))
         if writer is not None:
             writer.flush()
         history.append({"epoch": epoch, **{p: {"weighted_total": m["weighted_total"], "simple_total": m["simple_total"]}
@@ -217,8 +256,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
         "final": final,
         "dataset_sizes": {"train": len(datasets.train), "val": len(datasets.val), "test": len(datasets.test)},
     }
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     log(metrics_table(final, title="Final metrics (best checkpoint, exact split metrics, one shared path for "
                                    "every split):"))
     plot_curves(metrics_path, os.path.join(run_dir, "curves.png"))
@@ -233,13 +271,26 @@ def train(config: Config, run_dir: str, *, resume: bool = False, quiet: bool = F
 
 
 def _rewrite_metrics(path: str, upto_epoch: int) -> None:
-    """On resume, drop metric lines of epochs after the checkpoint (they will be redone)."""
+    """On resume, drop metric lines of epochs after the checkpoint (they will be redone).
+
+    A run killed after writing an epoch's lines but before its checkpoint was
+    complete would otherwise report that epoch twice. The file is replaced
+    atomically; a line that is not JSON (torn by a crash mid-append) is dropped.
+    """
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [line for line in f if json.loads(line)["epoch"] <= upto_epoch]
-    with open(path, "w") as f:
-        f.writelines(lines)
+        rows = [_parsed(line) for line in f]
+    kept = [line for line, row in rows if row is not None and row["epoch"] <= upto_epoch]
+    atomic_write(path, lambda f: f.writelines(kept))
+
+
+def _parsed(line: str):
+    """``(line, row)``; ``row`` is None when the line is not a whole JSON object."""
+    try:
+        return line, json.loads(line)
+    except json.JSONDecodeError:
+        return line, None
 
 
 def plot_curves(metrics_path: str, out_path: str) -> None:
@@ -270,5 +321,5 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=90), binary=True)
     plt.close(fig)
