@@ -99,17 +99,36 @@ def _set_path(node, parts, value, full):
         raise ConfigError(f"--set {full}: {e}") from None
 
 
+def _resumed_config(args):
+    """With ``--resume``, the run's saved configuration (None for a new run or a folder without one)."""
+    run_dir = getattr(args, "run_dir", None)
+    if not getattr(args, "resume", False) or not run_dir or not os.path.exists(os.path.join(run_dir, "config.json")):
+        return None
+    from han_jax.runs import read_run_config
+
+    return read_run_config(run_dir)
+
+
 def build_config(args):
-    """The preset with the command's flags and ``--set`` overrides applied, validated (no data, no JAX work)."""
+    """The starting configuration with the command's flags and ``--set`` overrides applied, validated.
+
+    A new run starts from ``--preset``. ``--resume`` starts from the run's own
+    ``config.json``, so only what this command line states explicitly (flags,
+    ``--set``) can differ from it; ``train`` then checks those differences.
+    No data is read and no JAX work is done here.
+    """
     from han_jax.config import DataConfig, get_config
     from han_jax.precision import Policy
 
-    config = get_config(args.preset)
-    if getattr(args, "data", None) == "losses":
-        losses_dir = args.losses_dir or _default_losses_dir()
+    saved = _resumed_config(args)
+    config = saved if saved is not None else get_config(args.preset)
+    if getattr(args, "data", None) == "losses" and not (saved is not None and saved.data.source == "losses"):
+        # Absolute paths: config.json must find the data again from any working directory.
+        losses_dir = os.path.abspath(args.losses_dir) if args.losses_dir else _default_losses_dir()
+        monthly_csv_dir = os.path.abspath(args.monthly_csv_dir) if args.monthly_csv_dir else None
         d = config.data
         config = config.replace(data=DataConfig.losses(
-            losses_dir, args.monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
+            losses_dir, monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
     train_kw = {}
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("patience", "patience"),
                         ("seed", "seed"), ("devices", "num_devices")):
@@ -319,7 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int)
     p.add_argument("--devices", type=int, help="pmap over this many local devices")
     p.add_argument("--resume", action="store_true",
-                   help="continue from run-dir's latest checkpoint, with the configuration it was trained with")
+                   help="continue from run-dir's latest checkpoint with the run's saved configuration (--preset is "
+                        "ignored; flags and --set given now are changes to it, checked)")
     p.add_argument("--resume-override", action="append", metavar="FIELD[,FIELD]",
                    help="with --resume: allow these fields (e.g. step.optim.learning_rate) to differ from the run's "
                         "config.json (epochs, patience and reporting may differ without it)")

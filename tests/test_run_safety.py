@@ -231,6 +231,21 @@ def test_resume_with_allowed_changes_proceeds_and_records_them(finished_copy, mo
     assert not [n for n in os.listdir(finished_copy) if n.endswith(".tmp")]
 
 
+def test_resume_starts_from_the_saved_configuration(finished_copy, monkeypatch):
+    """After an accepted override, a plain --resume continues with it: only what a command line states
+    explicitly is compared, so the preset's defaults (another learning rate, epoch count) are never "changes"."""
+    monkeypatch.setattr("han_jax.train.create_train_state", _stop)
+    with pytest.raises(_PassedTheChecks):
+        main(["--debug"] + _train_args(finished_copy, "--resume", "--set", "step.optim.learning_rate=0.002",
+                                       "--resume-override", "step.optim.learning_rate"))
+    saved = open(os.path.join(finished_copy, "config.json")).read()
+    plain = ["train", "--run-dir", finished_copy, "--quiet", "--no-tensorboard", "--resume"]
+    with pytest.raises(_PassedTheChecks):
+        main(["--debug"] + plain)
+    assert open(os.path.join(finished_copy, "config.json")).read() == saved
+    assert json.loads(saved)["step"]["optim"]["learning_rate"] == 0.002
+
+
 def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(finished_copy, capsys):
     """orbax skips saving a step at or below one on disk: a new run over an old one would keep the old states."""
     before = _snapshot(finished_copy)
