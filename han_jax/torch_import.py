@@ -37,7 +37,7 @@ serves both.
 
 What the weights do not determine: ``nhead`` (the packed attention weights are
 ``[3D, D]`` for any head count), ``dropout``, ``local_window`` and han-jax's own
-switches (``forecast_residual``, ``vmap_sources``, ...). They come from the
+switches (``forecast_residual``, ``regime_daily_state``, ``vmap_sources``, ...). They come from the
 checkpoint's config when it records them (the original's run manager writes
 ``nhead`` and ``dropout`` into its ``training_config``; the trainer's own
 ``config`` entry holds only optimiser settings), else from ``base``, else from
@@ -977,8 +977,9 @@ def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
     from han_jax.runs import prepare, write_run_folder
     from han_jax.steps import TrainState, make_optimizer
 
-    # The original's forecast head has no residual path, whatever the preset says.
-    model = dataclasses.replace(checkpoint.model_config(base=config.model), forecast_residual=False)
+    # The original's heads (no residual forecast, no daily state in the regime head), whatever the preset says.
+    model = dataclasses.replace(checkpoint.model_config(base=config.model), forecast_residual=False,
+                                regime_daily_state=False)
     data = config.data
     if data.source == "synthetic" or data.monthly_sources is not None:
         data = dataclasses.replace(data, daily_sources=model.daily_sources, monthly_sources=model.monthly_sources)

@@ -141,7 +141,8 @@ def _check_model(m: ModelConfig) -> None:
         _fail("model.d_model", m.d_model, f"a multiple of model.nhead={m.nhead} (each head takes d_model / nhead)")
     check_number("model.dropout", m.dropout, low=0.0, high=1.0, high_open=True)
     check_int("model.attention_block", m.attention_block, minimum=0)
-    for name in ("causal", "use_latent_forecast", "forecast_residual", "remat", "return_attention"):
+    for name in ("causal", "use_latent_forecast", "forecast_residual", "regime_daily_state", "remat",
+                 "return_attention"):
         _check_bool(f"model.{name}", getattr(m, name))
     if m.vmap_sources is not None:
         _check_bool("model.vmap_sources", m.vmap_sources)

@@ -31,8 +31,8 @@ def test_round_trip_keeps_types_a_jitted_step_hashes_on():
 def test_presets_build_on_each_other():
     default, small, tiny = configs.default(), configs.small(), configs.tiny()
     assert default == configs.Config()
-    assert small.model == configs.ModelConfig.small(forecast_residual=True)
-    assert not default.model.forecast_residual  # the original's head
+    assert small.model == configs.ModelConfig.small(forecast_residual=True, regime_daily_state=True)
+    assert not default.model.forecast_residual and not default.model.regime_daily_state  # the original's heads
     assert small.step.optim == dataclasses.replace(default.step.optim, learning_rate=1e-3, warmup_epochs=1,
                                                    accumulation_steps=1)
     assert tiny.step == small.step and tiny.model == dataclasses.replace(small.model, d_model=16, nhead=2)

@@ -262,6 +262,33 @@ def test_learnable_mode_recurs(learnable):
     assert ds.test.targets["anomaly_valid"].mean() > 0.5
 
 
+def _rank_correlation_with_time(values):
+    """Spearman correlation of each column with time over its observed rows."""
+    out = []
+    for col in values.T:
+        seen = np.flatnonzero(~np.isnan(col))
+        if len(seen) < 6:
+            continue
+        ranks = np.argsort(np.argsort(col[seen]))
+        out.append(abs(np.corrcoef(ranks, seen)[0, 1]))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_learnable_monthly_inputs_are_no_clocks(seed):
+    """A series that only rises or falls names each training month (the model memorised regimes by it)."""
+    learn = make_synthetic_world(seed, "learnable")
+    real = make_synthetic_world(seed, "realistic")
+    for name, table in learn.monthly.items():
+        if name == "hdx_conflict":
+            continue  # follows the intensity, whose growth stops half-way (checked through the drivers)
+        rho = _rank_correlation_with_time(table.values)
+        assert rho.max() < 0.6, (name, rho.round(2))
+    # The realistic world keeps the original's clocks (inflating prices, a round counter).
+    assert _rank_correlation_with_time(real.monthly["hdx_food"].values).max() > 0.9
+    assert _rank_correlation_with_time(real.monthly["iom"].values).max() > 0.9
+
+
 def test_missing_casualty_months():
     w = make_synthetic_world(0, "learnable", "small", missing_casualty_months=(6,))
     ds = build_datasets(w, DataConfig.small())

@@ -393,16 +393,58 @@ def test_full_default_forward():
     chex.assert_tree_all_finite(out)
 
 
-def test_residual_forecast_adds_the_current_months_observed_inputs(small):
+def _with_gain(variables, raw):
+    params = dict(variables["params"], forecast_persistence_gain=jnp.asarray(raw, jnp.float32))
+    return {"params": params}
+
+
+def test_residual_forecast_adds_the_current_months_observed_inputs_times_a_learnt_gain(small):
     _, variables, inputs, apply_det = small
     residual = MultiResolutionHAN(config=dataclasses.replace(SMALL, forecast_residual=True), policy=Policy())
+    shapes = jax.eval_shape(lambda k: residual.init({"params": k}, inputs, deterministic=True), jax.random.PRNGKey(0))
+    n_monthly = SMALL.n_monthly_features
+    # The option adds exactly one gain per monthly feature, stored as zeros (gain 1: persistence).
+    assert count(shapes["params"]) == count(variables["params"]) + n_monthly
+    chex.assert_shape(shapes["params"]["forecast_persistence_gain"], (n_monthly,))
+    init = residual.init({"params": jax.random.PRNGKey(0)}, inputs, deterministic=True)
+    chex.assert_trees_all_equal(init["params"]["forecast_persistence_gain"], jnp.zeros(n_monthly))
     # Unobserved inputs add nothing, whatever value the padding holds.
     padded = inputs.replace(monthly_features={n: jnp.where(inputs.monthly_masks[n], x, 99.0)
                                               for n, x in inputs.monthly_features.items()})
-    got = jax.jit(lambda v, x: residual.apply(v, x, deterministic=True))(variables, padded)
+    run = jax.jit(lambda v, x: residual.apply(v, x, deterministic=True))
     want = apply_det(variables, inputs)
     current = jnp.concatenate([jnp.where(inputs.monthly_masks[n], inputs.monthly_features[n], 0.0)
                                for n, _ in SMALL.monthly_sources], axis=-1)
+    got = run(_with_gain(variables, jnp.zeros(n_monthly)), padded)
     chex.assert_trees_all_close(got["forecast_pred"], want["forecast_pred"] + current, atol=1e-5)
     chex.assert_trees_all_close({k: v for k, v in got.items() if k != "forecast_pred"},
                                 {k: v for k, v in want.items() if k != "forecast_pred"}, atol=1e-6)
+    # A per-feature gain: the stored value is the gain's change over han.py's _GAIN_SCALE (30).
+    gain = np.linspace(-0.5, 1.5, n_monthly).astype(np.float32)
+    got = run(_with_gain(variables, (gain - 1.0) / 30.0), padded)
+    chex.assert_trees_all_close(got["forecast_pred"], want["forecast_pred"] + gain * current, atol=1e-5)
+
+
+def test_regime_head_reads_each_months_last_daily_state(small):
+    _, variables, inputs, apply_det = small
+    cfg = dataclasses.replace(SMALL, regime_daily_state=True)
+    model = MultiResolutionHAN(config=cfg, policy=Policy())
+    v = model.init({"params": jax.random.PRNGKey(1)}, inputs, deterministic=True)
+    d = cfg.d_model
+    # Only the regime head's first layer widens: it reads [temporal output, daily state].
+    assert count(v["params"]) == count(variables["params"]) + 2 * d * d
+    out, inter = jax.jit(lambda v, x: model.apply(v, x, deterministic=True, capture_intermediates=True,
+                                                  mutable=["intermediates"]))(v, inputs)
+    daily_state = inter["intermediates"]["daily_temporal_encoder"]["__call__"][0]
+    last_day = np.clip(np.asarray(inputs.month_boundaries)[..., 1] - 1, 0, daily_state.shape[1] - 1)
+    want_in = jnp.concatenate([out["temporal_output"],
+                               jnp.take_along_axis(daily_state, jnp.asarray(last_day)[..., None], axis=1)], -1)
+    from han_jax.model.heads import MLPHead
+
+    head = MLPHead(hidden=2 * d, hidden2=d, out=cfg.n_regime_classes, dropout=cfg.dropout, policy=Policy())
+    want = head.apply({"params": v["params"]["regime_head"]}, want_in, deterministic=True)
+    chex.assert_trees_all_close(out["regime_logits"], want, atol=1e-5)
+    # The last month's logits move when only the window's last day changes.
+    later = inputs.replace(daily_features={n: x.at[:, -1].add(3.0) for n, x in inputs.daily_features.items()})
+    moved = model.apply(v, later, deterministic=True)["regime_logits"][:, -1]
+    assert float(jnp.max(jnp.abs(moved - out["regime_logits"][:, -1]))) > 1e-4
