@@ -319,6 +319,14 @@ def cmd_import_torch(args) -> int:
     return 0
 
 
+def _cache_flags(p) -> None:
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache: a later start of the same configuration loads its "
+                        "compiled steps from here (default $HAN_JAX_COMPILATION_CACHE, else ~/.cache/han-jax/xla)")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile without the persistent cache (HAN_JAX_COMPILATION_CACHE=off does the same)")
+
+
 def _one_line(error: BaseException) -> str:
     """The error's message on one line (an OS error's own text when it has no message of ours)."""
     text = str(error) or type(error).__name__
@@ -385,11 +393,19 @@ def main(argv=None) -> int:
                    help="load with weights_only=False (only for files you trust; needed when the history holds "
                         "numpy scalars)")
     p.set_defaults(func=cmd_import_torch)
+    for name in ("train", "evaluate", "predict"):
+        _cache_flags(sub.choices[name])
     for command in sub.choices.values():
         # Also accepted after the command; SUPPRESS keeps a flag given before it.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "compilation_cache"):
+            from han_jax.compilation_cache import default_cache_dir, enable_compilation_cache
+
+            enable_compilation_cache(None if args.no_compilation_cache else
+                                     os.path.abspath(args.compilation_cache) if args.compilation_cache
+                                     else default_cache_dir())
         return args.func(args)
     except USER_ERRORS as e:
         if args.debug:

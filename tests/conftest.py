@@ -19,6 +19,9 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache stays off in tests (no writes under ~/.cache, no process-wide
+# cache set by one in-process `main` call); tests/test_compilation_cache.py switches it on where it checks it.
+os.environ.setdefault("HAN_JAX_COMPILATION_CACHE", "off")
 
 
 @pytest.fixture(scope="session")
