@@ -102,9 +102,10 @@ def _set_path(node, parts, value, full):
 def _resumed_config(args):
     """With ``--resume``, the run's saved configuration (None for a new run or a folder without one)."""
     run_dir = getattr(args, "run_dir", None)
-    if not getattr(args, "resume", False) or not run_dir or not os.path.exists(os.path.join(run_dir, "config.json")):
+    from han_jax.runs import CONFIG_FILE, read_run_config
+
+    if not getattr(args, "resume", False) or not run_dir or not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
         return None
-    from han_jax.runs import read_run_config
 
     return read_run_config(run_dir)
 

@@ -10,18 +10,16 @@ much of the best baseline's error the model removes.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
 
 from han_jax.baselines import baseline_metrics, fit_baselines, skill, split_targets
-from han_jax.config import TASK_NAMES, Config, config_from_dict
+from han_jax.config import TASK_NAMES, Config
 from han_jax.data import Datasets, SplitData, iterate_batches
 from han_jax.metrics import SplitAccumulator, forecast_sources
-from han_jax.runs import load_checkpoint, prepare, replicate, write_json
+from han_jax.runs import load_checkpoint, prepare, read_run_config, replicate, write_json
 from han_jax.steps import jit_steps, pmap_steps
 from han_jax.validation import check_batching
 
@@ -166,12 +164,7 @@ def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional
     """
     import dataclasses
 
-
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path}: not found; expected a run folder written by 'han-jax train'")
-    with open(config_path) as f:
-        config = config_from_dict(json.load(f))
+    config = read_run_config(run_dir)
     if data_overrides:
         config = config.replace(data=dataclasses.replace(config.data, **data_overrides))
     batch_size = config.train.batch_size if batch_size is None else batch_size
