@@ -19,9 +19,11 @@ with ``block_until_ready``; median and spread over ``--runs`` calls):
 * sweeps of the train step: batch size, daily window, f32 vs bf16, remat on/off,
   dense attention (``attention_block=0``) and the other daily-stack layout
   (``vmap_sources``),
-  and pmap over 1, 2, 4 host devices at a fixed global batch (each device count in
-  a subprocess, because ``--xla_force_host_platform_device_count`` must be set
-  before JAX starts);
+  sharded jit and pmap over 1, 2, 4 host devices at a fixed global batch (each
+  device count in a subprocess, because ``--xla_force_host_platform_device_count``
+  must be set before JAX starts; both layouts in it), and the sharded step over 2
+  processes on this machine (``jax.distributed``, one CPU device each, gloo)
+  against the 1-device point;
 * the cost of the shared aggregation: ``eval_step`` against a variant that stops at
   the raw task losses (model -> ``compute_losses``).
 
@@ -74,13 +76,15 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=_csv_ints, default=None, help="batch sweep, e.g. 1,8,32")
     ap.add_argument("--windows", type=_csv_ints, default=None, help="daily window sweep, e.g. 90,180,365")
     ap.add_argument("--policies", type=_csv, default=None, help="policy sweep, e.g. f32,bf16")
-    ap.add_argument("--devices", type=_csv_ints, default=None, help="pmap sweep (host devices), e.g. 1,2,4")
+    ap.add_argument("--devices", type=_csv_ints, default=None,
+                    help="device sweep (host devices), sharded jit and pmap, e.g. 1,2,4")
+    ap.add_argument("--processes", type=_csv_ints, default=None,
+                    help="process sweep (one CPU device each, jax.distributed), e.g. 2; 1 is the 1-device point")
     ap.add_argument("--no-impl-sweeps", "--no-remat-sweep", dest="no_impl_sweeps", action="store_true",
                     help="skip the implementation sweeps (remat, dense attention, vmapped sources)")
     ap.add_argument("--no-sweeps", action="store_true", help="base point and aggregation cost only")
     ap.add_argument("--matmul-n", type=int, default=None, help="size of the square peak matmul")
     ap.add_argument("--fast-compile", action="store_true", help=f"XLA_FLAGS {FAST_COMPILE_FLAG} (default in --quick)")
-    ap.add_argument("--pmap-worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q, g = args.quick, args.gpu
@@ -95,6 +99,7 @@ def parse_args(argv=None):
     args.windows = d(args.windows, (60,), (90, 180, 365), (90, 180, 365))
     args.policies = d(args.policies, ("f32",), ("f32", "bf16"), ("f32", "bf16"))
     args.devices = d(args.devices, (2,), (1,), (1, 2, 4))
+    args.processes = d(args.processes, (), (), (2,))
     args.matmul_n = d(args.matmul_n, 1024, 8192, 2048)
     args.fast_compile = args.fast_compile or q
     # quick: the sweeps time eval_step (a train compile per point would not fit in 2 minutes)
@@ -322,27 +327,25 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
     return res
 
 
-def pmap_point(args, n_devices: int, model_kw: dict, policy: str, b: int, t: int, m: int, runs: int,
-               step: str = "train") -> dict:
-    """A step (train by default) under pmap over n host devices at global batch b (runs in this process)."""
+def devices_point(args, n_devices: int, layout: str, model_kw: dict, policy: str, b: int, t: int, m: int,
+                  runs: int, step: str = "train") -> dict:
+    """A step (train by default) over ``n_devices`` at global batch ``b`` in one layout of
+    ``han_jax.parallel`` ("sharded" jit over a mesh, or "pmap"), in this process (and, after
+    ``start_distributed``, its peers: then the devices are every process's)."""
+    import dataclasses
+
     import jax
-    import jax.numpy as jnp
 
-    from han_jax.steps import create_train_state, pmap_steps
+    from han_jax.config import TrainConfig
+    from han_jax.parallel import make_parallel
+    from han_jax.steps import create_train_state
 
-    assert jax.local_device_count() >= n_devices, (jax.local_device_count(), n_devices)
     config = step_config(model_kw, policy, args.quick)
-    inputs, targets = synthetic_batch(config.model, b, t, m)
-    per_device = jax.tree_util.tree_map(lambda x: x[: b // n_devices], inputs)
-    state = create_train_state(jax.random.PRNGKey(0), config, per_device)
-    shard = lambda x: x.reshape((n_devices, x.shape[0] // n_devices) + x.shape[1:])  # noqa: E731
-    inputs, targets = jax.tree_util.tree_map(shard, (inputs, targets))
-    # Place the replicated state the way pmap returns it: a state broadcast on one
-    # device makes the second call (which sees pmap-sharded outputs) compile again.
-    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n_devices,) + jnp.shape(x)), state)
-    state = jax.pmap(lambda s: s)(stacked)
-    steps = pmap_steps(config)
-    fn = getattr(steps, step)
+    parallel = make_parallel(dataclasses.replace(TrainConfig(), num_devices=n_devices, batch_size=b, parallel=layout))
+    host_inputs, host_targets = synthetic_batch(config.model, b, t, m)
+    state = parallel.put_state(create_train_state(jax.random.PRNGKey(0), config, host_inputs))
+    inputs, targets = parallel.put_batch((host_inputs, host_targets))
+    fn = getattr(parallel.steps(config), step)
     holder = [state]
 
     def call():
@@ -358,25 +361,73 @@ def pmap_point(args, n_devices: int, model_kw: dict, policy: str, b: int, t: int
     first = time.perf_counter() - t0
     call()
     r = timed(call, runs)
-    r.update(step=step, devices=n_devices, global_batch=b, first_call_s=first, compile_s_est=first - r["median_s"],
-             samples_per_s=b / r["median_s"], peak_rss_mb=peak_rss_mb())
+    r.update(step=step, layout=parallel.kind, devices=n_devices, processes=jax.process_count(), global_batch=b,
+             first_call_s=first, compile_s_est=first - r["median_s"], samples_per_s=b / r["median_s"],
+             peak_rss_mb=peak_rss_mb())
     return r
 
 
-def run_pmap_subprocess(args, n: int, spec: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--pmap-worker", str(n), "--worker-spec", json.dumps(spec)]
-    if args.quick:
-        cmd.append("--quick")
-    if args.fast_compile:
-        cmd.append("--fast-compile")
+def _worker_env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if not f.startswith("--xla_force_host_platform_device_count"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("PMAP_RESULT "):
-            return json.loads(line[len("PMAP_RESULT "):])
-    return {"devices": n, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return env
+
+
+def _worker_cmd(args, spec: dict) -> list:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-spec", json.dumps(spec)]
+    return cmd + (["--quick"] if args.quick else []) + (["--fast-compile"] if args.fast_compile else [])
+
+
+def _worker_result(proc_stdout: str, proc_stderr: str, spec: dict):
+    for line in reversed(proc_stdout.splitlines()):
+        if line.startswith("WORKER_RESULT "):
+            return json.loads(line[len("WORKER_RESULT "):])
+    return [{**spec, "error": (proc_stderr or proc_stdout)[-2000:]}]
+
+
+def run_devices_subprocess(args, n: int, spec: dict) -> list:
+    """Every layout of ``spec`` over n host devices, in one fresh process (XLA reads the device count once)."""
+    spec = {**spec, "host_devices": n}
+    proc = subprocess.run(_worker_cmd(args, spec), capture_output=True, text=True, env=_worker_env(), cwd=REPO)
+    return _worker_result(proc.stdout, proc.stderr, spec)
+
+
+def run_processes(args, num_processes: int, spec: dict) -> list:
+    """The sharded step over ``num_processes`` processes on this machine (one CPU device each, gloo)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(_worker_cmd(args, {**spec, "distributed": [f"127.0.0.1:{port}", num_processes, i]}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env(), cwd=REPO)
+             for i in range(num_processes)]
+    outs = [p.communicate() for p in procs]
+    return _worker_result(*outs[0], spec)
+
+
+def worker(args, spec: dict) -> list:
+    """A benchmark subprocess: the layouts of ``spec`` over its devices (and processes)."""
+    distributed = spec.pop("distributed", None)
+    if distributed:
+        from han_jax.parallel import start_distributed
+
+        address, n, pid = distributed
+        start_distributed(coordinator_address=address, num_processes=n, process_id=pid, timeout_s=120)
+    import jax
+
+    n_devices = jax.device_count() if distributed else spec.pop("host_devices")
+    spec.pop("host_devices", None)
+    layouts = spec.pop("layouts")
+    out = []
+    for layout in layouts:
+        try:
+            out.append(devices_point(args, n_devices, layout, **spec))
+        except Exception as e:  # noqa: BLE001 - a failed point is reported, not fatal
+            out.append({"layout": layout, "devices": n_devices, "error": f"{type(e).__name__}: {e}"})
+        release_compiled()
+    return out
 
 
 # ---------------------------------------------------------------------------------
@@ -464,11 +515,11 @@ def machine_info() -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.pmap_worker is not None:
-        _set_xla_flags(args, args.pmap_worker)
+    if args.worker_spec is not None:
         spec = json.loads(args.worker_spec)
-        r = pmap_point(args, args.pmap_worker, **spec)
-        print("PMAP_RESULT " + json.dumps(r), flush=True)
+        _set_xla_flags(args, spec.get("host_devices"))
+        r = worker(args, spec)
+        print("WORKER_RESULT " + json.dumps(r), flush=True)
         return r
     _set_xla_flags(args)
     import jax
@@ -531,15 +582,26 @@ def main(argv=None) -> dict:
             point("attention_block", 0, {"attention_block": 0}, args.policy, b, t)
             vmapped = jax.default_backend() != "cpu"  # what vmap_sources=None picks
             point("vmap_sources", not vmapped, {"vmap_sources": not vmapped}, args.policy, b, t)
+        spec = {"model_kw": {}, "policy": args.policy, "b": b, "t": t, "m": m, "runs": sr, "step": args.sweep_step}
         for n in args.devices:
             if b % n:
                 continue
-            spec = {"model_kw": {}, "policy": args.policy, "b": b, "t": t, "m": m, "runs": sr, "step": args.sweep_step}
-            p = run_pmap_subprocess(args, n, spec)
-            p["value"] = n
-            sw.setdefault("pmap_devices", []).append(p)
+            # One fresh process per device count, both layouts in it: compared in the same run, same machine.
+            layouts = ["sharded", "pmap"] if n > 1 else ["sharded"]  # one device is one layout: plain jit
+            for layout, p in zip(layouts, run_devices_subprocess(args, n, {**spec, "layouts": layouts})):
+                p["value"] = n
+                for name in ("sharded", "pmap") if n == 1 else (layout,):  # the 1-device point heads both rows
+                    sw.setdefault(f"{name}_devices", []).append(p)
+                log(f"sweep {layout} devices={n}: {p.get('median_s', p.get('error'))}")
             dump()
-            log(f"sweep pmap devices={n}: {p.get('median_s', p.get('error'))}")
+        for n in args.processes:
+            if b % n:
+                continue
+            for p in run_processes(args, n, {**spec, "layouts": ["sharded"]}):
+                p["value"] = n
+                sw.setdefault("processes", []).append(p)
+                log(f"sweep processes={n}: {p.get('median_s', p.get('error'))}")
+            dump()
     result["total_wall_s"] = time.perf_counter() - t_start
     print(markdown(result))
     dump()

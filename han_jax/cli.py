@@ -23,6 +23,7 @@ import numpy as np
 
 from han_jax.config import PRESETS
 from han_jax.data.world import DataError
+from han_jax.parallel import DistributedStartError
 from han_jax.runs import RunLocked
 from han_jax.validation import ConfigError, check_batching, check_int, validate_config
 
@@ -32,7 +33,8 @@ class CommandError(Exception):
 
 
 # What a command reports in one line (exit status 2) instead of a traceback: the user's to fix, not a bug.
-USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExistsError, RunLocked)
+USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExistsError, RunLocked,
+               DistributedStartError)
 
 
 def _coerce(value: str, annotation, current):
@@ -132,7 +134,7 @@ def build_config(args):
             losses_dir, monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
     train_kw = {}
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("patience", "patience"),
-                        ("seed", "seed"), ("devices", "num_devices")):
+                        ("seed", "seed"), ("devices", "num_devices"), ("parallel", "parallel")):
         if getattr(args, flag, None) is not None:
             train_kw[field] = getattr(args, flag)
     if getattr(args, "no_tensorboard", False):
@@ -169,12 +171,44 @@ def cmd_train(args) -> int:
     if args.stop_after_epoch is not None:
         check_int("--stop-after-epoch", args.stop_after_epoch, minimum=0)
     overrides = _resume_overrides(args)
-    _force_host_devices(config.train.num_devices)
+    if _start_distributed(args):
+        config = _all_devices(config, args)
+    else:
+        _force_host_devices(config.train.num_devices)
     from han_jax.train import train
 
     train(config, args.run_dir, resume=args.resume, resume_overrides=overrides, quiet=args.quiet,
           stop_after_epoch=args.stop_after_epoch)
     return 0
+
+
+def _start_distributed(args) -> bool:
+    """Starts JAX's distributed runtime when asked (the three flags, ``--distributed``, or a multi-task
+    SLURM / Open MPI job); True when this is a multi-process run. Nothing else has touched JAX yet."""
+    from han_jax.parallel import cluster_detected, start_distributed
+
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if all(v is None for v in flags) and not args.distributed and not cluster_detected():
+        return False
+    start_distributed(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                      process_id=args.process_id, timeout_s=args.distributed_timeout, command="han-jax train")
+    import jax
+
+    return jax.process_count() > 1
+
+
+def _all_devices(config, args):
+    """A multi-process run shares each step among every device of every process."""
+    import jax
+
+    n = jax.device_count()
+    if args.devices is not None and args.devices != n:
+        raise ConfigError(f"--devices={args.devices}: a run over {jax.process_count()} processes uses all {n} of "
+                          f"their devices; expected {n}, or leave --devices out")
+    if config.train.batch_size % n:
+        raise ConfigError(f"train.batch_size={config.train.batch_size}: expected a multiple of the {n} devices of the "
+                          f"{jax.process_count()} processes (each device takes an equal share of a batch)")
+    return config.replace(train=dataclasses.replace(config.train, num_devices=n))
 
 
 def _resume_overrides(args) -> list:
@@ -276,7 +310,7 @@ def cmd_evaluate(args) -> int:
     from han_jax.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, checkpoint=args.checkpoint, batch_size=args.batch_size, num_devices=args.devices or 1,
-                 data_overrides=_data_overrides(args), out=args.out)
+                 parallel=args.parallel or "sharded", data_overrides=_data_overrides(args), out=args.out)
     return 0
 
 
@@ -328,6 +362,28 @@ def _cache_flags(p) -> None:
                    help="compile without the persistent cache (HAN_JAX_COMPILATION_CACHE=off does the same)")
 
 
+def _device_flags(p, note: str = "") -> None:
+    p.add_argument("--devices", type=int,
+                   help="local devices that share each step (on CPU: host devices; default 1)" + note)
+    p.add_argument("--parallel", choices=("sharded", "pmap"),
+                   help="how they share it: jit over a device mesh with the batch sharded (default) or jax.pmap")
+
+
+def _distributed_flags(p) -> None:
+    from han_jax.parallel import DEFAULT_DISTRIBUTED_TIMEOUT
+
+    g = p.add_argument_group("several processes (JAX's distributed runtime; see README 'Several devices and hosts')")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="process 0's address, the same in every process")
+    g.add_argument("--num-processes", type=int, help="how many processes take part")
+    g.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes-1 (0 writes the reports)")
+    g.add_argument("--distributed", action="store_true",
+                   help="start jax.distributed with the cluster's own settings (SLURM, Open MPI, TPU; automatic "
+                        "in a SLURM or Open MPI job of several tasks)")
+    g.add_argument("--distributed-timeout", type=int, default=DEFAULT_DISTRIBUTED_TIMEOUT, metavar="SECONDS",
+                   help=f"give up when the processes have not all met by then (default {DEFAULT_DISTRIBUTED_TIMEOUT})")
+
+
 def _one_line(error: BaseException) -> str:
     """The error's message on one line (an OS error's own text when it has no message of ours)."""
     text = str(error) or type(error).__name__
@@ -345,7 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", default="runs/latest")
     p.add_argument("--epochs", type=int)
     p.add_argument("--patience", type=int)
-    p.add_argument("--devices", type=int, help="pmap over this many local devices")
+    _device_flags(p)
+    _distributed_flags(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from run-dir's latest checkpoint with the run's saved configuration (--preset is "
                         "ignored; flags and --set given now are changes to it, checked)")
@@ -365,7 +422,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", required=True, help="a folder written by 'han-jax train'")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--batch-size", type=int, help="rows per step (default: the run's); no number depends on it")
-    p.add_argument("--devices", type=int, help="pmap over this many local devices; no number depends on it")
+    _device_flags(p, note="; no number depends on it")
     p.add_argument("--out", help="write {split: {metric: value}} JSON here")
     p.add_argument("--losses-dir", help="score on these loss records instead of the run's data (same layout)")
     p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")

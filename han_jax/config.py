@@ -338,7 +338,10 @@ class TrainConfig:
     batch_size: int = 8
     patience: int = 30
     seed: int = 42
-    num_devices: int = 1  # >1: pmap over that many local devices
+    # Devices that share each step (a multi-process run: every device of every process); see han_jax.parallel.
+    num_devices: int = 1
+    # How num_devices > 1 share a step: "sharded" (jit over a Mesh, NamedSharding; the default) or "pmap".
+    parallel: str = "sharded"
     score_test_each_epoch: bool = True  # for the comparability plot; never used for selection
     # TensorBoard event files (run_dir/tensorboard) with metrics.jsonl's scalars, when the
     # optional tensorboardX is installed (pip install "han-jax[tensorboard]").

@@ -17,10 +17,10 @@ import numpy as np
 
 from han_jax.baselines import baseline_metrics, fit_baselines, skill, split_targets
 from han_jax.config import TASK_NAMES, Config
-from han_jax.data import Datasets, SplitData, iterate_batches
+from han_jax.data import Datasets, SplitData
 from han_jax.metrics import SplitAccumulator, forecast_sources
-from han_jax.runs import load_checkpoint, prepare, read_run_config, replicate, write_json
-from han_jax.steps import jit_steps, pmap_steps
+from han_jax.parallel import Parallel, make_parallel
+from han_jax.runs import load_checkpoint, prepare, read_run_config, write_json
 from han_jax.validation import check_batching
 
 SPLITS = ("train", "val", "test")
@@ -46,61 +46,62 @@ def with_baselines(metrics: Mapping, baselines: Mapping) -> dict:
     return out
 
 
-def evaluate_split(step_fn, state, split: SplitData, batch_size: int, *, config: Config, num_devices: int = 1,
-                   predictions: bool = False):
+def evaluate_split(step_fn, state, split: SplitData, batch_size: int, *, config: Config,
+                   parallel: Optional[Parallel] = None, predictions: bool = False):
     """Exact metrics of ``state`` on a whole split (and, if asked, every real row's predictions).
 
     Args:
-      step_fn: a compiled ``eval`` or ``test`` step (``jit_steps``/``pmap_steps``).
-      state: the train state (replicated for pmap).
+      step_fn: a compiled ``eval`` or ``test`` step of ``parallel``'s layout.
+      state: the train state, placed by ``parallel.put_state``.
       split: the split to score.
       batch_size: rows per step (any: the numbers do not depend on it).
       config: the run's configuration.
-      num_devices: >1 when ``step_fn`` is pmapped.
+      parallel: the layout (:func:`han_jax.parallel.make_parallel`); default one device.
       predictions: collect the test step's per-row predictions.
 
     Returns:
       (metrics, predictions or None): predictions are numpy arrays over the
       split's rows in order, padding dropped.
     """
+    parallel = Parallel("single", 1) if parallel is None else parallel
     acc = SplitAccumulator()
-    n_dev = num_devices if num_devices > 1 else None
     rows = []
-    for inputs, targets in iterate_batches(split, batch_size, num_devices=n_dev):
+    for inputs, targets in parallel.batches(split, batch_size):
         out = step_fn(state, inputs, targets)
-        acc.update(out.statistics, device_axis=n_dev is not None)
+        acc.update(out.statistics, device_axis=parallel.device_axis)
         if predictions:
             p = jax.device_get(out.predictions)
-            if n_dev is not None:
+            if parallel.device_axis:
                 p = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), p)
             keep = np.asarray(p.pop("sample_mask"), bool)
             rows.append({k: np.asarray(v)[keep] for k, v in p.items()})
-    log_vars = state.log_vars if n_dev is None else jax.tree_util.tree_map(lambda x: x[0], state.log_vars)
+    log_vars = parallel.first(state.log_vars)
     metrics = acc.result(log_vars, config)
     if not predictions:
         return metrics, None
     return metrics, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} if rows else {}
 
 
-def score_splits(state, datasets: Datasets, config: Config, batch_size: int, *, num_devices: int = 1,
+def score_splits(state, datasets: Datasets, config: Config, batch_size: int, *, parallel: Optional[Parallel] = None,
                  baselines: Optional[Mapping] = None, predictions: bool = False):
     """``{split: metrics}`` for train, val and test through the test step, with baselines and skill.
 
     Args:
-      state, datasets, config, batch_size, num_devices: as for :func:`evaluate_split`.
+      state, datasets, config, batch_size, parallel: as for :func:`evaluate_split`.
       baselines: :func:`split_baselines`' output, if the caller already has it.
       predictions: also return every split's per-row test-step predictions.
 
     Returns:
       ``{split: metrics}``; with ``predictions``, ``({split: metrics}, {split: predictions})``.
     """
-    steps = pmap_steps(config) if num_devices > 1 else jit_steps(config)
+    parallel = Parallel("single", 1) if parallel is None else parallel
+    steps = parallel.steps(config)
     baselines = split_baselines(datasets, config) if baselines is None else baselines
     out, rows = {}, {}
     for name in SPLITS:
         split = getattr(datasets, name)
         metrics, rows[name] = evaluate_split(steps.test, state, split, batch_size, config=config,
-                                             num_devices=num_devices, predictions=predictions)
+                                             parallel=parallel, predictions=predictions)
         out[name] = with_baselines(metrics, baselines[name])
     return (out, rows) if predictions else out
 
@@ -147,15 +148,16 @@ def metrics_table(final: Mapping[str, Mapping], *, title: str) -> str:
 
 
 def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional[int] = None,
-                 num_devices: int = 1, data_overrides: Optional[dict] = None, out: Optional[str] = None,
-                 log=print) -> dict:
+                 num_devices: int = 1, parallel: str = "sharded", data_overrides: Optional[dict] = None,
+                 out: Optional[str] = None, log=print) -> dict:
     """Scores a saved run on train, val and test (``han-jax evaluate``).
 
     Args:
       run_dir: a folder written by ``han-jax train``.
       checkpoint: ``"best"`` or ``"latest"``.
       batch_size: rows per step (default: the run's); the numbers do not depend on it.
-      num_devices: >1 to score with pmap over that many local devices.
+      num_devices: local devices that share each step; the numbers do not depend on it.
+      parallel: how they share it, ``"sharded"`` or ``"pmap"`` (:mod:`han_jax.parallel`).
       data_overrides: ``DataConfig`` fields to change (default: the run's own data).
       out: where to write ``{split: {metric: value}}`` JSON.
 
@@ -173,12 +175,11 @@ def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional
     if resolved.model != config.model:
         raise ValueError(f"{run_dir}: the data's source layout {resolved.model.daily_sources} / "
                          f"{resolved.model.monthly_sources} differs from the run's model")
-    state = load_checkpoint(run_dir, checkpoint, config, datasets)
-    if num_devices > 1:
-        state = replicate(state, num_devices)
-    final = score_splits(state, datasets, config, batch_size, num_devices=num_devices)
+    layout = make_parallel(dataclasses.replace(config.train, num_devices=num_devices, parallel=parallel))
+    state = layout.put_state(load_checkpoint(run_dir, checkpoint, config, datasets))
+    final = score_splits(state, datasets, config, batch_size, parallel=layout)
     log(metrics_table(final, title=f"{run_dir} ({checkpoint} checkpoint, batch size {batch_size}, "
-                                   f"{num_devices} device(s)): exact split metrics"))
+                                   f"{num_devices} device(s), {layout.kind}): exact split metrics"))
     if out:
         write_json(out, final)
     return final

@@ -60,7 +60,9 @@ KILL_IN_SAVE_ENV = "HAN_JAX_TEST_KILL_IN_SAVE"
 # Fields a resumed run may change without --resume-override: they decide how long the loop runs and what
 # it reports, not what a step computes. ``train.epochs`` is also the length of the learning-rate schedule:
 # extending a run stretches the cosine decay from the resumed epoch on, which is what extending a run means.
-RESUME_SAFE_FIELDS = ("train.epochs", "train.patience", "train.tensorboard", "train.score_test_each_epoch")
+RESUME_SAFE_FIELDS = ("train.epochs", "train.patience", "train.tensorboard", "train.score_test_each_epoch",
+                      # Devices and layout change only float rounding (han_jax.parallel); pmap's dropout draws differ.
+                      "train.num_devices", "train.parallel")
 # Set by ``prepare`` from fields that are compared themselves (the data, the batch size, the accumulation).
 RESUME_DERIVED_FIELDS = ("step.optim.steps_per_epoch",)
 # DataConfig fields that shape a model's inputs: new data must be cut and scaled as the run's was.
@@ -98,12 +100,19 @@ class Checkpoints:
     interrupted save when it opens, so ``latest_step`` is always a complete
     checkpoint. The loop saves ``latest`` before ``best``, so ``best`` can only lag
     ``latest`` by the epoch being saved: :meth:`resume` repairs that case.
+
+    In a multi-process run every process calls every method: orbax saves the
+    replicated global state collectively (each array once) and every process
+    restores its own copy. ``place`` turns a restored (local) state into
+    what :meth:`save` is given in this layout (:mod:`han_jax.parallel`), for
+    :meth:`resume`'s save of it.
     """
 
-    def __init__(self, run_dir: str, create: bool = True):
+    def __init__(self, run_dir: str, create: bool = True, place: Callable = lambda state: state):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._place = place
         # Synchronous saves: the loop waits for each save anyway (exact resume needs it on disk).
         # Read-only managers get the values orbax would otherwise reset (with a warning each).
         opts = ocp.CheckpointManagerOptions(max_to_keep=1 if create else None, create=create,
@@ -128,7 +137,10 @@ class Checkpoints:
         step = manager.latest_step()
         if step is None:
             return None, None
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        # Each process restores its own whole copy onto its first device, whatever layout saved it (one
+        # device, a mesh, several processes): without a sharding orbax would ask for the saving topology.
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), template)
         out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                             meta=ocp.args.JsonRestore()))
         # orbax hands back device-committed arrays; a fresh state is uncommitted, and jit
@@ -148,7 +160,7 @@ class Checkpoints:
         state, meta = self.restore(self.latest, template)
         if state is not None and meta["best_epoch"] == meta["epoch"] and self.best.latest_step() != meta["epoch"]:
             log(f"checkpoints/best: completing epoch {meta['epoch']}'s save, interrupted before")
-            self.save(self.best, meta["epoch"], state, meta)
+            self.save(self.best, meta["epoch"], self._place(state), meta)
         return state, meta
 
     def close(self):
@@ -183,16 +195,6 @@ def _test_kill_in_save(which: str, epoch: int) -> Iterator[None]:
         yield
     finally:
         os.rename = rename
-
-
-def replicate(tree, n):
-    """One copy per device, laid out as pmap's own outputs are.
-
-    Broadcasting alone leaves the copies on one device; pmap would then see its
-    sharded output as a new kind of input on the second step and compile again.
-    """
-    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
-    return jax.pmap(lambda x: x)(stacked)
 
 
 def zero_inputs(config: Config, batch_size: int = 1) -> Inputs:
@@ -557,10 +559,3 @@ def load_run(run_dir: str, checkpoint: str = "best") -> Run:
                          f"{CONFIG_FILE}'s model {config.model.daily_sources} / {config.model.monthly_sources}")
     state = load_checkpoint(run_dir, checkpoint, config)
     return Run(run_dir, checkpoint, config, state, normalisation, layout)
-
-
-def unreplicate(tree):
-    """The first device's copy of a replicated pytree."""
-    return jax.tree_util.tree_map(lambda x: x[0], tree)
-
-

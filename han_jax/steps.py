@@ -10,10 +10,14 @@ what only training has (objective, temporal regulariser, learning rate,
 skipped-step flag), test adds per-row predictions.
 
 Every step takes the run's :class:`~han_jax.config.Config` as a static
-argument, and ``axis_name``: inside ``pmap`` the batch statistics of the
-losses and the metrics are taken across devices and gradients are
-``pmean``-ed, so N devices holding B/N rows give the metrics and updated
-parameters of one device holding all B rows.
+argument, and ``axis_name``. The same body runs in three layouts
+(:mod:`han_jax.parallel`): :func:`jit_steps` on one device;
+:func:`sharded_steps`, jit over a mesh with the batch's rows sharded, where the
+step sees the global batch and needs no ``axis_name``; and :func:`pmap_steps`,
+where the batch statistics of the losses and the metrics are taken across
+devices over ``axis_name`` and gradients are ``pmean``-ed. In every layout N
+devices holding B/N rows give the metrics and updated parameters of one
+device holding all B rows.
 
 The update belongs to optax (:func:`make_optimizer`): train_step reads
 grad -> (pmean) -> ``tx.update`` -> ``apply_updates``.
@@ -437,6 +441,36 @@ def jit_steps(config: Config) -> Steps:
         eval=jax.jit(functools.partial(eval_step, config=config)),
         test=jax.jit(functools.partial(test_step, config=config)),
         start_epoch=jax.jit(functools.partial(start_epoch, config=config)),
+        axis_name=None,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_steps(config: Config, mesh: jax.sharding.Mesh, data_axis: str = "data") -> Steps:
+    """The steps jitted over ``mesh``: batches sharded along rows on ``data_axis``, the state replicated.
+
+    The body is :func:`jit_steps`' own, in the global view: XLA partitions it and
+    adds the cross-device reductions the batch statistics and gradients need.
+    Every output (state, metrics, statistics, per-row predictions) comes back
+    replicated, so each process can read all of it.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = NamedSharding(mesh, PartitionSpec(data_axis))
+
+    def jitted(fn, **kw):
+        return jax.jit(functools.partial(fn, config=config, **kw), in_shardings=(replicated, rows, rows),
+                       out_shardings=replicated)
+
+    return Steps(
+        train=jax.jit(functools.partial(train_step, config=config), in_shardings=(replicated, rows, rows),
+                      out_shardings=replicated, donate_argnums=0),
+        train_deterministic=jitted(train_step, deterministic=True),
+        eval=jitted(eval_step),
+        test=jitted(test_step),
+        start_epoch=jax.jit(functools.partial(start_epoch, config=config), in_shardings=(replicated, replicated),
+                            out_shardings=replicated),
         axis_name=None,
     )
 

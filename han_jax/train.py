@@ -9,6 +9,7 @@ validation alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from han_jax.config import TASK_NAMES, Config, config_to_dict
 from han_jax.data import iterate_batches, num_batches
@@ -30,6 +30,7 @@ from han_jax.evaluate import (
     with_baselines,
 )
 from han_jax.metrics import MetricAccumulator
+from han_jax.parallel import Parallel, is_primary, make_parallel
 from han_jax.predict import concat_tables, plot_forecast, prediction_table
 from han_jax.runs import (
     CONFIG_FILE,
@@ -40,21 +41,15 @@ from han_jax.runs import (
     lock_run_dir,
     prepare,
     read_run_config,
-    replicate,
-    unreplicate,
     write_json,
     write_run_description,
 )
-from han_jax.steps import create_train_state, jit_steps, pmap_steps
+from han_jax.steps import create_train_state
 from han_jax.summaries import open_writer, write_scalars
-from han_jax.validation import ConfigError, validate_config
+from han_jax.validation import validate_config
 
 COLLAPSE_THRESHOLD = 1e-3
 COLLAPSE_TASKS = ("regime", "anomaly", "forecast")  # the tasks the original watched
-
-
-def _epoch_array(epoch: int, num_devices: int):
-    return jnp.full((num_devices,), epoch, jnp.int32) if num_devices > 1 else jnp.int32(epoch)
 
 
 def collapse_warning(metrics: dict) -> Optional[str]:
@@ -69,7 +64,7 @@ def collapse_warning(metrics: dict) -> Optional[str]:
     return f"COLLAPSE WARNING: task losses below {COLLAPSE_THRESHOLD}: {', '.join(collapsed)}" if collapsed else None
 
 
-def train_epoch(step_fn, state, split, batch_size: int, *, num_devices: int, seed: int, epoch: int,
+def train_epoch(step_fn, state, split, batch_size: int, *, parallel: Parallel, seed: int, epoch: int,
                 progress=None):
     """One shuffled pass of ``train_step`` over the training split.
 
@@ -80,16 +75,13 @@ def train_epoch(step_fn, state, split, batch_size: int, *, num_devices: int, see
       whole-split numbers come from :func:`han_jax.evaluate.evaluate_split`.
     """
     acc = MetricAccumulator()
-    n_dev = num_devices if num_devices > 1 else None
     start = time.perf_counter()
-    for inputs, targets in iterate_batches(split, batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                           num_devices=n_dev):
+    for inputs, targets in parallel.batches(split, batch_size, shuffle=True, seed=seed, epoch=epoch):
         state, metrics = step_fn(state, inputs, targets)
-        acc.update(metrics, device_axis=n_dev is not None)
+        acc.update(metrics, device_axis=parallel.device_axis)
         if progress is not None:
             progress.update(1)
-            m = metrics if n_dev is None else jax.tree_util.tree_map(lambda x: x[0], metrics)
-            progress.set_postfix(loss=f"{float(m['weighted_total']):.4f}")
+            progress.set_postfix(loss=f"{float(parallel.first(metrics)['weighted_total']):.4f}")
     return state, acc.result(), time.perf_counter() - start
 
 
@@ -128,13 +120,18 @@ def train(config: Config, run_dir: str, *, resume: bool = False, resume_override
     # Nothing is written and nothing compiled until the configuration and the data are known good: a bad
     # value fails here in one line (ConfigError / DataError), leaving no half-made run folder behind.
     validate_config(config)
-    with lock_run_dir(run_dir, "han-jax train"):
-        return _train(config, run_dir, resume=resume, resume_overrides=resume_overrides, quiet=quiet, log=log,
+    parallel = make_parallel(config.train)
+    parallel.process_rows(config.train.batch_size)  # a batch the devices cannot share fails here, before the data
+    # In a multi-process run process 0 writes the folder's files and holds its lock; the others only read it
+    # and take part in the collective checkpoint saves.
+    lock = lock_run_dir(run_dir, "han-jax train") if is_primary() else contextlib.nullcontext()
+    with lock:
+        return _train(config, run_dir, parallel, resume=resume, resume_overrides=resume_overrides, quiet=quiet, log=log,
                       stop_after_epoch=stop_after_epoch)
 
 
-def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequence[str], quiet: bool, log,
-           stop_after_epoch: Optional[int]) -> dict:
+def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, resume_overrides: Sequence[str],
+           quiet: bool, log, stop_after_epoch: Optional[int]) -> dict:
     """:func:`train`'s body, run while holding the folder's lock."""
     tc = config.train
     latest_dir = os.path.join(run_dir, "checkpoints", "latest")
@@ -144,9 +141,9 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
         # orbax would skip every epoch up to the old run's and the final scoring would read its state.
         raise FileExistsError(f"{os.path.join(run_dir, 'checkpoints')}: holds another run's checkpoints; expected "
                               "--resume to continue it, or another --run-dir")
-    if tc.num_devices > jax.local_device_count():
-        raise ConfigError(f"train.num_devices={tc.num_devices}: expected at most the {jax.local_device_count()} "
-                          f"local {jax.default_backend()} device(s)")
+    primary = is_primary()
+    if not primary:
+        log = _silent
     saved = read_run_config(run_dir) if resume else None
     log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
     datasets, config = prepare(config, log=log)
@@ -156,14 +153,17 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
             log(f"resume: configuration changed in {', '.join(changed)}")
     # The configuration the steps ran with (the model layout from the data; config_from_dict rebuilds
     # it), and the normalisation and layout of its inputs: the folder alone can predict on new data.
-    write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
+    if primary:
+        write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
     n_train_batches = num_batches(datasets.train, tc.batch_size)
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))
     state = create_train_state(jax.random.PRNGKey(tc.seed), config, sample_inputs)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
-    log(f"model: {n_params:,} parameters; policy {config.step.policy.name}; devices {tc.num_devices}")
+    processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    log(f"model: {n_params:,} parameters; policy {config.step.policy.name}; devices {tc.num_devices} "
+        f"({parallel.kind}{processes})")
 
-    ckpt = Checkpoints(run_dir)
+    ckpt = Checkpoints(run_dir, place=lambda s: parallel.checkpoint_view(parallel.put_state(s)))
     history, best_val, best_epoch, bad_epochs, start_epoch = [], math.inf, -1, 0, 0
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if resume:
@@ -175,31 +175,32 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
         start_epoch = meta["epoch"] + 1
         history = meta["history"]
         log(f"resumed from epoch {meta['epoch']} (best val {best_val:.4f} at epoch {best_epoch})")
-        _rewrite_metrics(metrics_path, upto_epoch=meta["epoch"])
-    elif os.path.exists(metrics_path):
+        if primary:
+            _rewrite_metrics(metrics_path, upto_epoch=meta["epoch"])
+    elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    steps = pmap_steps(config) if tc.num_devices > 1 else jit_steps(config)
+    steps = parallel.steps(config)
     baselines = split_baselines(datasets, config)
-    if tc.num_devices > 1:
-        state = replicate(state, tc.num_devices)
-    to_host = unreplicate if tc.num_devices > 1 else (lambda s: s)
+    state = parallel.put_state(state)
 
     from tqdm import tqdm
 
     # Flushed every epoch, so an interrupted run keeps its scalars; closed where the loop returns.
-    writer = open_writer(run_dir, enabled=tc.tensorboard, purge_from_epoch=start_epoch if resume else None, log=log)
+    writer = open_writer(run_dir, enabled=tc.tensorboard and primary, purge_from_epoch=start_epoch if resume else None,
+                         log=log)
     for epoch in range(start_epoch, tc.epochs):
-        state = steps.start_epoch(state, _epoch_array(epoch, tc.num_devices))
-        bar = tqdm(total=n_train_batches, desc=f"epoch {epoch}", disable=quiet, leave=False, file=sys.stderr)
+        state = steps.start_epoch(state, parallel.epoch(epoch))
+        bar = tqdm(total=n_train_batches, desc=f"epoch {epoch}", disable=quiet or not primary, leave=False,
+                   file=sys.stderr)
         state, train_m, secs = train_epoch(steps.train, state, datasets.train, tc.batch_size,
-                                           num_devices=tc.num_devices, seed=tc.seed, epoch=epoch, progress=bar)
+                                           parallel=parallel, seed=tc.seed, epoch=epoch, progress=bar)
         bar.close()
         train_m["samples_per_second"] = train_m["n_rows"] / secs
         phases = {"train": with_baselines(train_m, baselines["train"])}
         for name in ("val", "test") if tc.score_test_each_epoch else ("val",):
             split = getattr(datasets, name)
-            m, _ = evaluate_split(steps.eval, state, split, tc.batch_size, config=config, num_devices=tc.num_devices)
+            m, _ = evaluate_split(steps.eval, state, split, tc.batch_size, config=config, parallel=parallel)
             phases[name] = with_baselines(m, baselines[name])
         train_m, val_m = phases["train"], phases["val"]
         improved = val_m["weighted_total"] < best_val
@@ -219,18 +220,19 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
             extra = {k: v for k, v in m.items() if k not in val_m}
             lines.append(json.dumps({"epoch": epoch, "phase": phase, "metrics": shared, "extra": extra}) + "\n")
             write_scalars(writer, epoch, phase, m)
-        with open(metrics_path, "a") as f:  # one write: a crash tears at most this epoch's last line
-            f.write("".join(lines))
+        if primary:
+            with open(metrics_path, "a") as f:  # one write: a crash tears at most this epoch's last line
+                f.write("".join(lines))
         if writer is not None:
             writer.flush()
         history.append({"epoch": epoch, **{p: {"weighted_total": m["weighted_total"], "simple_total": m["simple_total"]}
                                            for p, m in phases.items()}})
         meta = {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "history": history}
-        host_state = to_host(state)
-        ckpt.save(ckpt.latest, epoch, host_state, meta)
+        saved_state = parallel.checkpoint_view(state)
+        ckpt.save(ckpt.latest, epoch, saved_state, meta)
         if improved:
-            ckpt.save(ckpt.best, epoch, host_state, meta)
+            ckpt.save(ckpt.best, epoch, saved_state, meta)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             log(f"stopping after epoch {epoch} as asked; continue with --resume")
             ckpt.close()
@@ -242,12 +244,12 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
             break
 
     log(f"Training complete. Best val weighted_total {best_val:.4f} at epoch {best_epoch}")
-    best_state, _ = ckpt.restore(ckpt.best, to_host(state))
+    best_state, _ = ckpt.restore(ckpt.best, parallel.local_state(state))
     ckpt.close()
     if writer is not None:
         writer.close()
-    final, predictions = score_splits(best_state, datasets, config, tc.batch_size, baselines=baselines,
-                                      predictions=True)
+    final, predictions = score_splits(parallel.put_state(best_state), datasets, config, tc.batch_size,
+                                      parallel=parallel, baselines=baselines, predictions=True)
     summary = {
         "config": config_to_dict(config),
         "n_params": n_params,
@@ -256,6 +258,8 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
         "final": final,
         "dataset_sizes": {"train": len(datasets.train), "val": len(datasets.val), "test": len(datasets.test)},
     }
+    if not primary:
+        return summary
     write_json(os.path.join(run_dir, "summary.json"), summary)
     log(metrics_table(final, title="Final metrics (best checkpoint, exact split metrics, one shared path for "
                                    "every split):"))
@@ -268,6 +272,10 @@ def _train(config: Config, run_dir: str, *, resume: bool, resume_overrides: Sequ
     plot_forecast(table, os.path.join(run_dir, "forecast.png"),
                   title=f"{run_dir}: best checkpoint (epoch {best_epoch}) on every split")
     return summary
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of a process other than 0: process 0 reports for the run."""
 
 
 def _rewrite_metrics(path: str, upto_epoch: int) -> None:

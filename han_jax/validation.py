@@ -261,6 +261,8 @@ def _check_train(t: TrainConfig) -> None:
     check_int("train.patience", t.patience)
     check_int("train.seed", t.seed, minimum=0)
     check_batching(t.batch_size, t.num_devices)
+    if t.parallel not in ("sharded", "pmap"):
+        _fail("train.parallel", t.parallel, "'sharded' or 'pmap'")
     for name in ("score_test_each_epoch", "tensorboard"):
         _check_bool(f"train.{name}", getattr(t, name))
 

@@ -413,6 +413,19 @@ def test_shard_for_devices(small):
         next(iterate_batches(ds.val, 6, num_devices=4))
 
 
+def test_a_process_gathers_only_its_rows_of_each_global_batch(small):
+    """``rows=``: one process's share of a global batch (han_jax.parallel), the same rows as slicing the
+    whole batch, padding included, for every batch of a shuffled epoch."""
+    _, ds = small
+    whole = list(iterate_batches(ds.train, 8, shuffle=True, seed=5, epoch=2))
+    for rows in (slice(0, 4), slice(4, 8), slice(2, 6)):
+        part = list(iterate_batches(ds.train, 8, shuffle=True, seed=5, epoch=2, rows=rows))
+        assert len(part) == len(whole)
+        for (pi, pt), (wi, wt) in zip(part, whole):
+            jax.tree_util.tree_map(lambda p, w, r=rows: np.testing.assert_array_equal(p, w[r]), (pi, pt), (wi, wt))
+    assert not whole[-1][1].sample_mask.all()  # the last batch is padded: its padding rows come along
+
+
 def test_daily_forecast_flag(small):
     w, _ = small
     ds = build_datasets(w, DataConfig.small(daily_forecast_targets=True))

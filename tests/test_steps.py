@@ -1,4 +1,4 @@
-"""train/eval/test steps: one shared path, pmap == one device, guards, accumulation."""
+"""train/eval/test steps: one shared path, sharded jit == pmap == one device, guards, accumulation."""
 
 import dataclasses
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from han_jax.config import AggregateConfig, OptimConfig, StepConfig, TrainConfig
-from han_jax.runs import replicate
+from han_jax.parallel import make_parallel, replicate
 from han_jax.steps import create_train_state, jit_steps, pmap_steps
 from han_jax.testing import random_batch
 from tests.helpers import tiny_run_config
@@ -101,6 +101,23 @@ def test_pmap_four_devices_equals_one_device(state, batch):
                                   jax.tree_util.tree_map(shard, targets))
     one_eval = jit_steps(CFG).eval(state, inputs, targets)
     chex.assert_trees_all_close(first(_host(p_eval.metrics)), _host(one_eval.metrics), rtol=2e-5, atol=1e-6)
+
+
+def test_sharded_jit_on_four_devices_equals_one_device_with_dropout(state, batch):
+    """The default multi-device path: the global view draws one device's dropout bits, so even a
+    training step with dropout on gives one device's metrics and parameters."""
+    parallel = make_parallel(TrainConfig(num_devices=4, batch_size=B))
+    assert parallel.kind == "sharded" and parallel.num_devices == 4
+    on_rows = jax.device_put(batch, parallel.rows)
+    assert on_rows[0].month_boundaries.sharding.spec == parallel.rows.spec
+    assert len(on_rows[1].sample_mask.addressable_shards) == 4  # each device holds 2 of the 8 rows
+    one_state, one_m = jit_steps(CFG).train(jax.tree_util.tree_map(jnp.copy, state), *batch)
+    s_state, s_m = parallel.steps(CFG).train(parallel.put_state(state), *on_rows)
+    assert s_state.params is not None and s_m["weighted_total"].sharding.is_fully_replicated
+    chex.assert_trees_all_close(_host(s_m), _host(one_m), rtol=2e-5, atol=1e-6)
+    chex.assert_trees_all_close(_host(s_state.params), _host(one_state.params), rtol=1e-4, atol=2e-5)
+    chex.assert_trees_all_close(_host(s_state.log_vars), _host(one_state.log_vars), rtol=1e-6, atol=1e-7)
+    # The sharded eval/test steps, and pmap against them, on every split: tests/test_train.py (evaluate).
 
 
 def test_nan_in_one_task_is_excluded_and_params_stay_finite(state, batch):

@@ -108,12 +108,13 @@ def test_summary_and_metrics_carry_baselines_skill_and_target_counts(full_run):
 
 def test_evaluate_gives_the_same_numbers_at_any_batch_size_and_device_count(full_run, tmp_path):
     """Exact split metrics: batch size 1, 3 and one batch holding the whole (largest) split, and
-    4 pmap devices, agree to float rounding on every metric of every split."""
+    4 devices sharded (the default) and pmapped, agree to float rounding on every metric of every split."""
     import subprocess
     import sys
 
     runs = (("b1", ["--batch-size", "1"]), ("b3", ["--batch-size", "3"]), ("whole", ["--batch-size", "151"]),
-            ("dev4", ["--batch-size", "4", "--devices", "4"]))
+            ("dev4", ["--batch-size", "4", "--devices", "4"]),
+            ("pmap4", ["--batch-size", "8", "--devices", "4", "--parallel", "pmap"]))
     # As a user runs it, in a fresh process (the 4 host devices come from conftest's XLA_FLAGS):
     # one process for the four evaluations, so they share its start and the model's init.
     calls = [["evaluate", "--run-dir", full_run, "--out", str(tmp_path / f"{name}.json")] + extra
@@ -122,6 +123,7 @@ def test_evaluate_gives_the_same_numbers_at_any_batch_size_and_device_count(full
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exact split metrics" in done.stdout
+    assert "4 device(s), sharded)" in done.stdout and "4 device(s), pmap)" in done.stdout
     results = {name: json.load(open(tmp_path / f"{name}.json")) for name, _ in runs}
     summary = json.load(open(os.path.join(full_run, "summary.json")))
     assert results["whole"]["train"]["n_rows"] == summary["dataset_sizes"]["train"] == 151

@@ -123,12 +123,15 @@ def iterate_batches(
     seed: int = 0,
     epoch: int = 0,
     num_devices: Optional[int] = None,
+    rows: Optional[slice] = None,
 ) -> Iterator[Tuple[Inputs, Targets]]:
     """Yield ``(Inputs, Targets)`` batches of exactly ``batch_size`` rows.
 
     ``shuffle`` permutes rows with a generator seeded by ``(seed, epoch)``, so an
     epoch's order is reproducible. With ``num_devices=n`` every array gets a
-    leading device axis ``[n, batch_size // n, ...]`` for ``pmap``.
+    leading device axis ``[n, batch_size // n, ...]`` for ``pmap``. With
+    ``rows``, only those rows of each batch are gathered and yielded (one
+    process's share of a global batch: every process draws the same order).
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}; expected >= 1")
@@ -139,11 +142,13 @@ def iterate_batches(
     if shuffle:
         order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
     for b in range(num_batches(split, batch_size)):
-        rows = order[b * batch_size : (b + 1) * batch_size]
-        k = len(rows)
+        picked = order[b * batch_size : (b + 1) * batch_size]
+        k = len(picked)
         valid = np.ones(batch_size, bool)
         if k < batch_size:
             valid[k:] = False
-            rows = np.concatenate([rows, np.zeros(batch_size - k, np.int64)])
-        batch = gather(split, rows, valid)
+            picked = np.concatenate([picked, np.zeros(batch_size - k, np.int64)])
+        if rows is not None:
+            picked, valid = picked[rows], valid[rows]
+        batch = gather(split, picked, valid)
         yield _shard(batch, num_devices) if num_devices else batch
