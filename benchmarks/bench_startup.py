@@ -1,0 +1,113 @@
+"""Time to the first train step, cold and warm (issue 15): what a user waits for before training starts.
+
+Usage::
+
+    python benchmarks/bench_startup.py [--presets small,default] [--out FILE.json]
+
+For each preset, two fresh processes run what ``han-jax train`` runs before its
+first step: import, data (``prepare``), ``create_train_state`` and the first
+``train_step`` (its compile, or its load from JAX's persistent compilation cache,
+plus one run), with the command line's cache switched on in a new, empty folder.
+The first process finds the folder empty (cold start), the second finds what
+the first wrote (warm start). Wall time is counted from the moment the process
+is launched, so interpreter and JAX start-up are in it. Output: a markdown table
+on stdout and, with ``--out``, JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def first_step(preset: str, cache_dir: str, launched: float) -> dict:
+    """In a fresh process: the CLI's start-up path to the end of the first train step, phase by phase."""
+    from han_jax.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(cache_dir)
+    import jax
+
+    from han_jax.config import get_config
+    from han_jax.data import iterate_batches
+    from han_jax.parallel import make_parallel
+    from han_jax.runs import prepare
+    from han_jax.steps import create_train_state
+
+    marks = {"import_s": time.time() - launched}
+    t = time.perf_counter()
+    datasets, config = prepare(get_config(preset))
+    marks["data_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    parallel = make_parallel(config.train)
+    inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size))
+    state = parallel.put_state(create_train_state(jax.random.PRNGKey(config.train.seed), config, inputs))
+    jax.block_until_ready(state)
+    marks["init_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    steps = parallel.steps(config)
+    state = steps.start_epoch(state, parallel.epoch(0))
+    state, metrics = steps.train(state, *parallel.put_batch((inputs, targets)))
+    jax.block_until_ready(metrics)
+    marks["first_step_s"] = time.perf_counter() - t
+    marks["time_to_first_step_s"] = time.time() - launched
+    marks["loss"] = float(metrics["weighted_total"])
+    return marks
+
+
+def measure(preset: str, cache_dir: str) -> dict:
+    launched = time.time()
+    code = (f"import json, sys; sys.path.insert(0, {REPO!r}); from benchmarks.bench_startup import first_step; "
+            f"print('STARTUP ' + json.dumps(first_step({preset!r}, {cache_dir!r}, {launched!r})))")
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith("STARTUP "):
+            return json.loads(line[len("STARTUP "):])
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def markdown(rows: list) -> str:
+    lines = ["| preset | start | time to first step (s) | import (s) | data (s) | init (s) | first step (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['start']} | error: {r['error'][-100:]!r} | | | | |")
+            continue
+        lines.append(f"| {r['preset']} | {r['start']} | {r['time_to_first_step_s']:.1f} | {r['import_s']:.1f} | "
+                     f"{r['data_s']:.1f} | {r['init_s']:.1f} | {r['first_step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="small,default", help="comma-separated presets (tiny, small, default)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    rows = []
+    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+        with tempfile.TemporaryDirectory(prefix="han-jax-xla-") as cache_dir:
+            for start in ("cold", "warm"):
+                r = measure(preset, cache_dir)
+                r.update(preset=preset, start=start)
+                rows.append(r)
+                print(f"{preset} {start}: {r.get('time_to_first_step_s', r.get('error'))}", file=sys.stderr, flush=True)
+    import platform
+
+    table = markdown(rows)
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n{table}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
