@@ -459,13 +459,12 @@ def sharded_steps(config: Config, mesh: jax.sharding.Mesh, data_axis: str = "dat
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec(data_axis))
 
-    def jitted(fn, **kw):
+    def jitted(fn, donate_argnums=(), **kw):
         return jax.jit(functools.partial(fn, config=config, **kw), in_shardings=(replicated, rows, rows),
-                       out_shardings=replicated)
+                       out_shardings=replicated, donate_argnums=donate_argnums)
 
     return Steps(
-        train=jax.jit(functools.partial(train_step, config=config), in_shardings=(replicated, rows, rows),
-                      out_shardings=replicated, donate_argnums=0),
+        train=jitted(train_step, donate_argnums=0),
         train_deterministic=jitted(train_step, deterministic=True),
         eval=jitted(eval_step),
         test=jitted(test_step),

@@ -121,7 +121,8 @@ def train(config: Config, run_dir: str, *, resume: bool = False, resume_override
     # value fails here in one line (ConfigError / DataError), leaving no half-made run folder behind.
     validate_config(config)
     parallel = make_parallel(config.train)
-    parallel.process_rows(config.train.batch_size)  # a batch the devices cannot share fails here, before the data
+    # The devices' rows of a batch, checked now (one contiguous block per process), before the data is built.
+    parallel.process_rows(config.train.batch_size)
     # In a multi-process run process 0 writes the folder's files and holds its lock; the others only read it
     # and take part in the collective checkpoint saves.
     lock = lock_run_dir(run_dir, "han-jax train") if is_primary() else contextlib.nullcontext()
