@@ -8,8 +8,11 @@ For each preset, two fresh processes run what ``han-jax train`` runs before its
 first step: import, data (``prepare``), ``create_train_state`` and the first
 ``train_step`` (its compile, or its load from JAX's persistent compilation cache,
 plus one run), with the command line's cache switched on in a new, empty folder.
-The first process finds the folder empty (cold start), the second finds what
-the first wrote (warm start). Wall time is counted from the moment the process
+The first process finds the folder empty (cold start); the second finds what
+the first wrote but uses only JAX's own cache (traces and lowers every step,
+then loads the executable XLA keyed by the lowered program: a warm start before
+han-jax stored its executables); the third loads han-jax's stored executables
+without tracing (warm start). Wall time is counted from the moment the process
 is launched, so interpreter and JAX start-up are in it. Output: a markdown table
 on stdout and, with ``--out``, JSON.
 """
@@ -27,11 +30,17 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def first_step(preset: str, cache_dir: str, launched: float) -> dict:
-    """In a fresh process: the CLI's start-up path to the end of the first train step, phase by phase."""
-    from han_jax.compilation_cache import enable_compilation_cache
+def first_step(preset: str, cache_dir: str, launched: float, executables: bool = True) -> dict:
+    """In a fresh process: the CLI's start-up path to the end of the first train step, phase by phase.
 
-    enable_compilation_cache(cache_dir)
+    ``executables=False`` keeps JAX's persistent cache but not han-jax's stored executables
+    (``han_jax.compilation_cache.persistent``): what a warm start cost before them.
+    """
+    from han_jax import compilation_cache
+
+    compilation_cache.enable_compilation_cache(cache_dir)
+    if not executables:
+        compilation_cache.set_executable_dir(None)
     import jax
 
     from han_jax.config import get_config
@@ -47,11 +56,12 @@ def first_step(preset: str, cache_dir: str, launched: float) -> dict:
     t = time.perf_counter()
     parallel = make_parallel(config.train)
     inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size))
+    steps = parallel.steps(config)
+    compilation_cache.prefetch(steps.train, steps.start_epoch, steps.eval)  # as han_jax.train does
     state = parallel.put_state(create_train_state(jax.random.PRNGKey(config.train.seed), config, inputs))
     jax.block_until_ready(state)
     marks["init_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    steps = parallel.steps(config)
     state = steps.start_epoch(state, parallel.epoch(0))
     state, metrics = steps.train(state, *parallel.put_batch((inputs, targets)))
     jax.block_until_ready(metrics)
@@ -61,16 +71,20 @@ def first_step(preset: str, cache_dir: str, launched: float) -> dict:
     return marks
 
 
-def measure(preset: str, cache_dir: str) -> dict:
+def measure(preset: str, cache_dir: str, executables: bool = True) -> dict:
     launched = time.time()
     code = (f"import json, sys; sys.path.insert(0, {REPO!r}); from benchmarks.bench_startup import first_step; "
-            f"print('STARTUP ' + json.dumps(first_step({preset!r}, {cache_dir!r}, {launched!r})))")
+            f"print('STARTUP ' + json.dumps(first_step({preset!r}, {cache_dir!r}, {launched!r}, {executables!r})))")
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith("STARTUP "):
             return json.loads(line[len("STARTUP "):])
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def _folder_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files) / 2**20
 
 
 def markdown(rows: list) -> str:
@@ -93,9 +107,10 @@ def main(argv=None) -> list:
     rows = []
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         with tempfile.TemporaryDirectory(prefix="han-jax-xla-") as cache_dir:
-            for start in ("cold", "warm"):
-                r = measure(preset, cache_dir)
-                r.update(preset=preset, start=start)
+            for start, executables in (("cold", True), ("warm, JAX's cache only", False), ("warm", True)):
+                r = measure(preset, cache_dir, executables)
+                r.update(preset=preset, start=start, cache_mb=round(_folder_mb(cache_dir), 1),
+                         executables_mb=round(_folder_mb(os.path.join(cache_dir, "executables")), 1))
                 rows.append(r)
                 print(f"{preset} {start}: {r.get('time_to_first_step_s', r.get('error'))}", file=sys.stderr, flush=True)
     import platform

@@ -356,8 +356,10 @@ def cmd_import_torch(args) -> int:
 
 def _cache_flags(p) -> None:
     p.add_argument("--compilation-cache", metavar="DIR",
-                   help="JAX's persistent compilation cache: a later start of the same configuration loads its "
-                        "compiled steps from here (default $HAN_JAX_COMPILATION_CACHE, else ~/.cache/han-jax/xla)")
+                   help="the compilation cache (JAX's persistent cache, and han-jax's compiled steps under "
+                        "executables/): a later start of the same configuration loads its steps from here instead "
+                        "of tracing and compiling them (default $HAN_JAX_COMPILATION_CACHE, else "
+                        "~/.cache/han-jax/xla; delete it at any time)")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="compile without the persistent cache (HAN_JAX_COMPILATION_CACHE=off does the same)")
 

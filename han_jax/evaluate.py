@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from han_jax.baselines import baseline_metrics, fit_baselines, skill, split_targets
+from han_jax.compilation_cache import prefetch
 from han_jax.config import TASK_NAMES, Config
 from han_jax.data import Datasets, SplitData
 from han_jax.metrics import SplitAccumulator, forecast_sources
@@ -176,6 +177,7 @@ def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional
         raise ValueError(f"{run_dir}: the data's source layout {resolved.model.daily_sources} / "
                          f"{resolved.model.monthly_sources} differs from the run's model")
     layout = make_parallel(dataclasses.replace(config.train, num_devices=num_devices, parallel=parallel))
+    prefetch(layout.steps(config).test)  # a warm start loads it while the checkpoint is read
     state = layout.put_state(load_checkpoint(run_dir, checkpoint, config, datasets))
     final = score_splits(state, datasets, config, batch_size, parallel=layout)
     log(metrics_table(final, title=f"{run_dir} ({checkpoint} checkpoint, batch size {batch_size}, "

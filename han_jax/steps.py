@@ -45,6 +45,7 @@ import optax
 
 from han_jax.aggregate import aggregate, init_log_vars
 from han_jax.batch import Inputs, Targets
+from han_jax.compilation_cache import persistent
 from han_jax.config import Config, OptimConfig
 from han_jax.losses import compute_losses, temporal_regularization, zinb_parameters
 from han_jax.metrics import batch_statistics, metrics_from_statistics
@@ -176,7 +177,20 @@ def current_learning_rate(opt_state) -> Array:
 def _init_fn(model_config, policy, rng_impl: str):
     """The jitted ``model.init``, one per architecture (its compile is the slow part)."""
     model = MultiResolutionHAN(config=model_config, policy=policy)
-    return jax.jit(lambda raw, x: model.init({"params": typed_key(raw, rng_impl)}, x, deterministic=True))
+    return persistent(jax.jit(lambda raw, x: model.init({"params": typed_key(raw, rng_impl)}, x, deterministic=True)),
+                      "model_init", (model_config, policy, rng_impl))
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer_init_fn(config: Config):
+    """``make_optimizer(config).init``: stored with the steps when the compilation cache is on.
+
+    Eager otherwise: run eagerly it dispatches one small op per parameter leaf (4.5 s for the small
+    model in a fresh process), but those ops are shared by every configuration of a process, where a
+    jitted init would compile once per configuration (the tests build dozens).
+    """
+    init = make_optimizer(config).init
+    return persistent(jax.jit(init), "optimizer_init", config, without_store=init)
 
 
 def create_train_state(rng: Array, config: Config, inputs: Inputs) -> TrainState:
@@ -184,7 +198,7 @@ def create_train_state(rng: Array, config: Config, inputs: Inputs) -> TrainState
     init_rng, state_rng = jax.random.split(rng)
     params = _init_fn(config.model, config.step.policy, config.step.rng_impl)(init_rng, inputs)["params"]
     log_vars = init_log_vars(config.step.aggregate.task_names, config.step.log_var_priors)
-    opt_state = make_optimizer(config).init({"model": params, "log_vars": log_vars})
+    opt_state = _optimizer_init_fn(config)({"model": params, "log_vars": log_vars})
     return TrainState(
         step=jnp.int32(0),
         params=params,
@@ -410,7 +424,8 @@ test_step.__test__ = False
 def jit_forward(config: Config):
     """``forward(params, inputs) -> outputs``: the model, deterministic (dropout off), jitted once per config."""
     model = make_model(config)
-    return jax.jit(lambda params, inputs: model.apply({"params": params}, inputs, deterministic=True))
+    return persistent(jax.jit(lambda params, inputs: model.apply({"params": params}, inputs, deterministic=True)),
+                      "forward", config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,11 +451,13 @@ def jit_steps(config: Config) -> Steps:
     Cached per (hashable) configuration, so every caller shares one compilation.
     """
     return Steps(
-        train=jax.jit(functools.partial(train_step, config=config), donate_argnums=0),
-        train_deterministic=jax.jit(functools.partial(train_step, config=config, deterministic=True)),
-        eval=jax.jit(functools.partial(eval_step, config=config)),
-        test=jax.jit(functools.partial(test_step, config=config)),
-        start_epoch=jax.jit(functools.partial(start_epoch, config=config)),
+        train=persistent(jax.jit(functools.partial(train_step, config=config), donate_argnums=0), "train_step",
+                         config),
+        train_deterministic=persistent(jax.jit(functools.partial(train_step, config=config, deterministic=True)),
+                                       "train_step_deterministic", config),
+        eval=persistent(jax.jit(functools.partial(eval_step, config=config)), "eval_step", config),
+        test=persistent(jax.jit(functools.partial(test_step, config=config)), "test_step", config),
+        start_epoch=persistent(jax.jit(functools.partial(start_epoch, config=config)), "start_epoch", config),
         axis_name=None,
     )
 
@@ -459,17 +476,19 @@ def sharded_steps(config: Config, mesh: jax.sharding.Mesh, data_axis: str = "dat
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec(data_axis))
 
-    def jitted(fn, donate_argnums=(), **kw):
-        return jax.jit(functools.partial(fn, config=config, **kw), in_shardings=(replicated, rows, rows),
-                       out_shardings=replicated, donate_argnums=donate_argnums)
+    def jitted(fn, name, donate_argnums=(), **kw):
+        return persistent(jax.jit(functools.partial(fn, config=config, **kw), in_shardings=(replicated, rows, rows),
+                                  out_shardings=replicated, donate_argnums=donate_argnums),
+                          f"sharded_{name}", (config, mesh, data_axis))
 
     return Steps(
-        train=jitted(train_step, donate_argnums=0),
-        train_deterministic=jitted(train_step, deterministic=True),
-        eval=jitted(eval_step),
-        test=jitted(test_step),
-        start_epoch=jax.jit(functools.partial(start_epoch, config=config), in_shardings=(replicated, replicated),
-                            out_shardings=replicated),
+        train=jitted(train_step, "train_step", donate_argnums=0),
+        train_deterministic=jitted(train_step, "train_step_deterministic", deterministic=True),
+        eval=jitted(eval_step, "eval_step"),
+        test=jitted(test_step, "test_step"),
+        start_epoch=persistent(jax.jit(functools.partial(start_epoch, config=config),
+                                       in_shardings=(replicated, replicated), out_shardings=replicated),
+                               "sharded_start_epoch", (config, mesh, data_axis)),
         axis_name=None,
     )
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import jax
 
+from han_jax.compilation_cache import prefetch
 from han_jax.config import TASK_NAMES, Config, config_to_dict
 from han_jax.data import iterate_batches, num_batches
 from han_jax.evaluate import (
@@ -158,6 +159,9 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
         write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
     n_train_batches = num_batches(datasets.train, tc.batch_size)
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))
+    steps = parallel.steps(config)
+    # A warm start loads the stored steps in the background while the state is created.
+    prefetch(steps.train, steps.start_epoch, steps.eval)
     state = create_train_state(jax.random.PRNGKey(tc.seed), config, sample_inputs)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
     processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
@@ -181,7 +185,6 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
     elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    steps = parallel.steps(config)
     baselines = split_baselines(datasets, config)
     state = parallel.put_state(state)
 
