@@ -59,7 +59,7 @@ def original_model(analysis: str, model_config):
         return {name: mrh.SourceConfig(name, n, resolution) for name, n in pairs}
 
     c = model_config
-    return mrh.MultiResolutionHAN(
+    model = mrh.MultiResolutionHAN(
         daily_source_configs=sources(c.daily_sources, "daily"),
         monthly_source_configs=sources(c.monthly_sources, "monthly"),
         d_model=c.d_model, nhead=c.nhead, num_daily_layers=c.num_daily_layers,
@@ -67,6 +67,14 @@ def original_model(analysis: str, model_config):
         num_temporal_layers=c.num_temporal_layers, dropout=c.dropout, causal=c.causal,
         use_latent_forecast=c.use_latent_forecast,
     )
+    # At 75d6392 the forward hands the whole [B, M, D] sequence to the LatentStatePredictor, which expects
+    # the context state [B, D] and fails in torch.cat; the head is fed the last month's state, as the model
+    # description has it (c = temporal_encoded[:, -1]) and han-jax does.
+    head = getattr(model, "daily_forecast_head", None)
+    if head is not None and type(head).__name__ == "LatentStatePredictor":
+        forward = head.forward
+        head.forward = lambda x, *a, **k: forward(x[:, -1] if x.dim() == 3 else x, *a, **k)
+    return model
 
 
 def torch_batch(inputs):
@@ -116,7 +124,7 @@ def main(argv=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     state = create_train_state(jax.random.PRNGKey(0), config, inputs)
     train = jit_steps(config).train

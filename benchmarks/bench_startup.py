@@ -8,11 +8,12 @@ For each preset, two fresh processes run what ``han-jax train`` runs before its
 first step: import, data (``prepare``), ``create_train_state`` and the first
 ``train_step`` (its compile, or its load from JAX's persistent compilation cache,
 plus one run), with the command line's cache switched on in a new, empty folder.
-The first process finds the folder empty (cold start); the second finds what
-the first wrote but uses only JAX's own cache (traces and lowers every step,
-then loads the executable XLA keyed by the lowered program: a warm start before
-han-jax stored its executables); the third loads han-jax's stored executables
-without tracing (warm start). Wall time is counted from the moment the process
+The first process finds the folder empty (cold start), the second finds what
+the first wrote (warm start: han-jax's stored executables, loaded without
+tracing). With ``--jax-cache-only`` the same two starts run again in another
+folder with only JAX's own cache, as before han-jax stored its executables: a
+warm start then traces and lowers every step and loads the executable JAX keyed
+by the lowered program. Wall time is counted from the moment the process
 is launched, so interpreter and JAX start-up are in it. Output: a markdown table
 on stdout and, with ``--out``, JSON.
 """
@@ -103,16 +104,22 @@ def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="small,default", help="comma-separated presets (tiny, small, default)")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--jax-cache-only", action="store_true",
+                    help="also a cold and a warm start with JAX's persistent cache alone (the stored executables "
+                         "off), in their own folder: the warm start before han-jax stored its executables")
     args = ap.parse_args(argv)
     rows = []
+    kinds = [("", True)] + ([(", JAX's cache only", False)] if args.jax_cache_only else [])
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        with tempfile.TemporaryDirectory(prefix="han-jax-xla-") as cache_dir:
-            for start, executables in (("cold", True), ("warm, JAX's cache only", False), ("warm", True)):
-                r = measure(preset, cache_dir, executables)
-                r.update(preset=preset, start=start, cache_mb=round(_folder_mb(cache_dir), 1),
-                         executables_mb=round(_folder_mb(os.path.join(cache_dir, "executables")), 1))
-                rows.append(r)
-                print(f"{preset} {start}: {r.get('time_to_first_step_s', r.get('error'))}", file=sys.stderr, flush=True)
+        for label, executables in kinds:
+            with tempfile.TemporaryDirectory(prefix="han-jax-xla-") as cache_dir:
+                for start in ("cold", "warm"):
+                    r = measure(preset, cache_dir, executables)
+                    r.update(preset=preset, start=start + label, cache_mb=round(_folder_mb(cache_dir), 1),
+                             executables_mb=round(_folder_mb(os.path.join(cache_dir, "executables")), 1))
+                    rows.append(r)
+                    print(f"{preset} {start + label}: {r.get('time_to_first_step_s', r.get('error'))}",
+                          file=sys.stderr, flush=True)
     import platform
 
     table = markdown(rows)
