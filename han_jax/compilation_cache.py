@@ -122,7 +122,7 @@ def _leaf_signature(leaf) -> tuple:
         return (leaf.shape, str(leaf.dtype), leaf.weak_type, str(leaf.sharding) if leaf.committed else "")
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return (tuple(leaf.shape), str(leaf.dtype), False, "host")
-    return (type(leaf).__name__, leaf if isinstance(leaf, (bool, int, float, str)) else None)
+    return (type(leaf).__name__,)  # a Python scalar: jit traces it by type (weakly typed), never by value
 
 
 class PersistentFunction:

@@ -128,6 +128,17 @@ def test_a_stored_executable_is_loaded_without_tracing_and_gives_the_same_number
     assert len(os.listdir(executable_dir)) == 4
 
 
+def test_python_scalars_are_one_signature_whatever_their_value(executable_dir):
+    import jax
+    import jax.numpy as jnp
+
+    from han_jax.compilation_cache import persistent
+
+    wrapped = persistent(jax.jit(lambda x, epoch: x * epoch), "toy", "k")
+    assert [float(wrapped(jnp.float32(2.0), epoch)) for epoch in (1, 2, 3)] == [2.0, 4.0, 6.0]
+    assert len(os.listdir(executable_dir)) == 1 and len(wrapped._compiled) == 1
+
+
 def test_a_broken_entry_is_reported_and_rebuilt(executable_dir, capsys):
     import chex
     import jax.numpy as jnp
