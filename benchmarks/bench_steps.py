@@ -85,6 +85,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-sweeps", action="store_true", help="base point and aggregation cost only")
     ap.add_argument("--matmul-n", type=int, default=None, help="size of the square peak matmul")
     ap.add_argument("--fast-compile", action="store_true", help=f"XLA_FLAGS {FAST_COMPILE_FLAG} (default in --quick)")
+    ap.add_argument("--sweep-step", choices=("train", "eval", "test"), default=None,
+                    help="the step the sweeps time (default train; eval in --quick): eval gives the evaluate "
+                         "path's samples/s by batch size")
     ap.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q, g = args.quick, args.gpu
@@ -103,7 +106,7 @@ def parse_args(argv=None):
     args.matmul_n = d(args.matmul_n, 1024, 8192, 2048)
     args.fast_compile = args.fast_compile or q
     # quick: the sweeps time eval_step (a train compile per point would not fit in 2 minutes)
-    args.sweep_step = "eval" if q else "train"
+    args.sweep_step = args.sweep_step or ("eval" if q else "train")
     args.no_impl_sweeps = args.no_impl_sweeps or q
     return args
 
