@@ -131,9 +131,9 @@ class PersistentFunction:
     Calls go to the jitted function itself (or to ``without_store``, when given) when no folder is set
     (tests, ``--no-compilation-cache``), in a multi-process run (each process's executable names devices
     of the whole cluster), and inside another trace. Otherwise each distinct argument signature is looked
-    up on disk once; a miss is compiled with ``jitted.lower(*args).compile()`` (JAX's own cache still
-    applies) and stored. :meth:`prefetch` starts loading the stored executables in a background thread,
-    so that a start overlaps loading the train step with creating the state.
+    up on disk once; a miss is compiled from ``jitted.lower(*args)`` past JAX's own cache (see
+    :func:`_compile_past_jax_cache`) and stored. :meth:`prefetch` starts loading the stored executables
+    in a background thread, so that a start overlaps loading the train step with creating the state.
     """
 
     def __init__(self, jitted: Callable, name: str, key: Any, without_store: Optional[Callable] = None):
