@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import signal
 import uuid
 from typing import Callable, Iterable, Iterator, Optional
@@ -46,7 +47,7 @@ from han_jax.data import (
     num_batches,
 )
 from han_jax.precision import Policy
-from han_jax.steps import TrainState, create_train_state, jit_forward
+from han_jax.steps import TrainState, create_train_state, jit_forward, with_flat_accumulator, with_tree_accumulator
 from han_jax.validation import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -140,14 +141,29 @@ class Checkpoints:
         # Each process restores its own whole copy onto its first device, whatever layout saved it (one
         # device, a mesh, several processes): without a sharding orbax would ask for the saving topology.
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), template)
-        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            meta=ocp.args.JsonRestore()))
+
+        def restore(template):
+            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                                              template)
+            return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+
+        try:
+            out = restore(template)
+            convert = None
+        except ValueError as e:
+            # A checkpoint from before the optimiser saw flat group vectors (steps.optimizer_view):
+            # its gradient accumulator is the parameter trees. Read it so, convert it (lossless).
+            mismatched = re.findall(r"^(\S+):$", str(e), re.M)
+            if not mismatched or not all(path.startswith("opt_state.inner_state.acc_grads.") for path in mismatched):
+                raise
+            out = restore(jax.eval_shape(with_tree_accumulator, template))
+            convert = with_flat_accumulator
         # orbax hands back device-committed arrays; a fresh state is uncommitted, and jit
         # keys its cache on that, so a resumed run would recompile every step. Hand back
         # uncommitted arrays, exactly as create_train_state does.
         state = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), out.state)
-        return state, out.meta
+        return (state if convert is None else convert(state)), out.meta
 
     def resume(self, template: TrainState, log=print):
         """The ``latest`` state and metadata, with ``best`` brought up to date first.

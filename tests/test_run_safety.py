@@ -340,3 +340,35 @@ def test_resume_completes_a_best_save_interrupted_after_latest(tmp_path):
     ckpt.close()
     chex.assert_trees_all_equal(best, states[1])
     chex.assert_trees_all_equal(state, states[1])
+
+
+def test_a_checkpoint_from_before_the_flat_optimiser_view_restores_converted(tmp_path):
+    """Checkpoints written before steps.optimizer_view hold MultiSteps' accumulator as parameter trees.
+
+    Restoring one gives today's state (the accumulator as flat group vectors) with every value kept;
+    a checkpoint mismatched in anything else is still refused.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from han_jax.steps import create_train_state, with_tree_accumulator
+    from han_jax.testing import random_batch
+    from tests.helpers import tiny_run_config
+
+    cfg = tiny_run_config()
+    state = create_train_state(jax.random.PRNGKey(0), cfg, random_batch(cfg.model, b=2, t=60, m=3)[0])
+    multi = state.opt_state.inner_state
+    acc = {k: jax.random.normal(jax.random.PRNGKey(i), v.shape) for i, (k, v) in enumerate(multi.acc_grads.items())}
+    state = state.replace(opt_state=state.opt_state._replace(inner_state=multi._replace(acc_grads=acc)))
+    legacy = with_tree_accumulator(state)
+    assert len(jax.tree_util.tree_leaves(legacy.opt_state)) > len(jax.tree_util.tree_leaves(state.opt_state))
+
+    ckpt = runs.Checkpoints(str(tmp_path))
+    ckpt.save(ckpt.latest, 3, legacy, {"epoch": 3, "best_epoch": 3})
+    restored, meta = ckpt.restore(ckpt.latest, state)
+    assert meta == {"epoch": 3, "best_epoch": 3}
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+    other = state.replace(log_vars={**state.log_vars, "extra": jnp.float32(0.0)})
+    with pytest.raises(ValueError, match="log_vars"):
+        ckpt.restore(ckpt.latest, other)
+    ckpt.close()

@@ -10,7 +10,16 @@ import pytest
 
 from han_jax.config import AggregateConfig, OptimConfig, StepConfig, TrainConfig
 from han_jax.parallel import make_parallel, replicate
-from han_jax.steps import create_train_state, jit_steps, pmap_steps
+from han_jax.steps import (
+    create_train_state,
+    from_optimizer_view,
+    jit_steps,
+    make_optimizer,
+    optimizer_view,
+    pmap_steps,
+    with_flat_accumulator,
+    with_tree_accumulator,
+)
 from han_jax.testing import random_batch
 from tests.helpers import tiny_run_config
 
@@ -176,6 +185,43 @@ def test_accumulating_four_micro_batches_equals_one_step_on_the_whole_batch(batc
     # Same tolerance as the pmap test: zero-true-gradient key biases move by Adam-amplified noise.
     chex.assert_trees_all_close(_host(s4.params), _host(s1.params), rtol=1e-4, atol=2e-5)
     chex.assert_trees_all_close(_host(s4.log_vars), _host(s1.log_vars), rtol=1e-6, atol=1e-7)
+
+
+def test_the_optimiser_on_flat_group_vectors_is_the_same_update_as_on_the_trees(state):
+    """train_step hands optax one vector per group (optimizer_view); optax on the parameter trees is the reference.
+
+    Five micro-batches of random gradients (one accumulated update of four, one more accumulating), a
+    weight decay that reads the parameters, and the gradient clip (gradients far above max_grad_norm).
+    """
+    import optax
+
+    cfg = CFG.replace(step=dataclasses.replace(CFG.step, optim=OptimConfig(accumulation_steps=4)))
+    tx = make_optimizer(cfg)
+    update = jax.jit(tx.update)  # the tree path run eagerly dispatches several ops per leaf
+    trees = {"model": state.params, "log_vars": state.log_vars}
+    flat = optimizer_view(trees)
+    chex.assert_trees_all_equal(from_optimizer_view(flat, trees), trees)
+    assert set(flat) == {"model", "log_vars"} and all(v.ndim == 1 for v in flat.values())
+    tree_state, flat_state = tx.init(trees), tx.init(flat)
+    leaves, treedef = jax.tree_util.tree_flatten(trees)
+    for i in range(5):
+        keys = jax.random.split(jax.random.PRNGKey(i), len(leaves))
+        grads = jax.tree_util.tree_unflatten(treedef, [10.0 * jax.random.normal(k, x.shape) for k, x in
+                                                       zip(keys, leaves)])
+        updates, tree_state = update(grads, tree_state, trees)
+        trees = optax.apply_updates(trees, updates)
+        flat_updates, flat_state = update(optimizer_view(grads), flat_state, flat)
+        flat = optax.apply_updates(flat, flat_updates)
+    assert int(flat_state.inner_state.gradient_step) == 1 and int(flat_state.inner_state.mini_step) == 1
+    chex.assert_trees_all_close(from_optimizer_view(flat, trees), trees, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(flat["model"]), np.asarray(optimizer_view(
+        {"model": state.params, "log_vars": state.log_vars})["model"]))  # the update moved the parameters
+    # The tree layout is what checkpoints of earlier han-jax versions hold: it converts to the flat one.
+    legacy = state.replace(params=trees["model"], log_vars=trees["log_vars"], opt_state=tree_state)
+    current = state.replace(params=trees["model"], log_vars=trees["log_vars"], opt_state=flat_state)
+    chex.assert_trees_all_close(_host(with_flat_accumulator(legacy).opt_state), _host(current.opt_state),
+                                rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_equal(_host(with_flat_accumulator(with_tree_accumulator(current))), _host(current))
 
 
 def test_learning_rate_schedule_is_the_originals():
