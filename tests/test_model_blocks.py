@@ -234,3 +234,28 @@ def test_gelu_is_torchs_exact_form():
     phi = np.exp(-xs**2 / 2) / np.sqrt(2 * np.pi)
     cdf = np.array([0.5 * (1.0 + erf(x / sqrt(2.0))) for x in xs])
     np.testing.assert_allclose(g, cdf + xs * phi, atol=2e-6)
+
+
+def test_a_monthly_encoder_padded_to_a_wider_source_gives_its_unpadded_result():
+    """MultiSourceMonthlyEncoder runs every source's encoder at the widest source's feature count
+    (one vmapped encoder): padding features, marked by feature_valid, must change nothing. Months
+    with no observation (the first-key rule) are included."""
+    from han_jax.model.monthly_encoder import MonthlyEncoder, _pad_feature_embedding
+
+    enc = dict(d_model=16, nhead=4, num_layers=1, dim_feedforward=32, dropout=0.1, max_months=12, policy=Policy())
+    b, m, f, width = 3, 4, 5, 9
+    rng = np.random.default_rng(0)
+    values = jnp.asarray(rng.normal(size=(b, m, f)), jnp.float32)
+    tmask = jnp.asarray(rng.random((b, m)) < 0.7).at[0].set(False)
+    params = MonthlyEncoder(n_features=f, **enc).init(jax.random.PRNGKey(0), values, tmask,
+                                                      deterministic=True)["params"]
+    want, _ = MonthlyEncoder(n_features=f, **enc).apply({"params": params}, values, tmask, deterministic=True)
+    padded_values = jnp.pad(values, ((0, 0), (0, 0), (0, width - f)), constant_values=7.0)  # never read
+    got, _ = MonthlyEncoder(n_features=width, **enc).apply(
+        {"params": _pad_feature_embedding(params, width)}, padded_values, tmask, deterministic=True,
+        feature_valid=jnp.arange(width) < f)
+    chex.assert_shape(got, (b, m, 16))
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+    unmarked, _ = MonthlyEncoder(n_features=width, **enc).apply(
+        {"params": _pad_feature_embedding(params, width)}, padded_values, tmask, deterministic=True)
+    assert not np.allclose(np.asarray(unmarked), np.asarray(want), atol=1e-3)  # the mask is what makes it equal
