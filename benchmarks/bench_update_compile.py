@@ -1,0 +1,79 @@
+"""What the optimiser update costs the train step's compile: on the parameter trees, or on flat group vectors.
+
+Usage::
+
+    python benchmarks/bench_update_compile.py [--small] [--out FILE.json]
+
+Compiles, alone, the update part of ``han_jax.steps.train_step`` for the default model (``--small``: the small
+preset's): ``make_optimizer(config).update`` (``apply_if_finite`` around ``MultiSteps`` around the AdamW groups),
+``optax.apply_updates`` and the gradient norm, once the way han-jax ran it before issue 15's third round (optax
+handed the parameter trees: several small ops per leaf) and once as ``train_step`` runs it now (one flat vector
+per group, ``steps.optimizer_view``, and the trees rebuilt after the update). Prints the compile time and the
+number of fusions of each as a markdown table; ``--out`` writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="ModelConfig.small() instead of the default model")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    import jax
+    import optax
+
+    from han_jax.config import Config, ModelConfig
+    from han_jax.steps import create_train_state, from_optimizer_view, make_optimizer, optimizer_view
+    from han_jax.testing import random_batch
+
+    model = ModelConfig.small() if args.small else ModelConfig()
+    config = Config(model=model)
+    inputs, _ = random_batch(model, b=1, t=60, m=3, seed=0)  # only the parameter shapes matter
+    state = create_train_state(jax.random.PRNGKey(0), config, inputs)
+    trainable = {"model": state.params, "log_vars": state.log_vars}
+    tx = make_optimizer(config)
+
+    def on_trees(trainable, grads, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(grads["model"])
+
+    def on_flat_groups(trainable, grads, opt_state):
+        flat, grads = optimizer_view(trainable), optimizer_view(grads)
+        updates, opt_state = tx.update(grads, opt_state, flat)
+        new = from_optimizer_view(optax.apply_updates(flat, updates), trainable)
+        return new, opt_state, optax.tree.norm(grads["model"])
+
+    rows = []
+    for name, fn, opt_state in (("parameter trees (before)", on_trees, tx.init(trainable)),
+                                ("flat group vectors (train_step now)", on_flat_groups, state.opt_state)):
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(trainable, trainable, opt_state).compile()
+        seconds = time.perf_counter() - t0
+        fusions = len(re.findall(r"= \S+ fusion\(", compiled.as_text()))
+        rows.append({"update": name, "compile_s": round(seconds, 1), "fusions": fusions})
+        del compiled
+    leaves = len(jax.tree_util.tree_leaves(trainable))
+    print(f"{'small' if args.small else 'default'} model, {leaves} parameter leaves, backend {jax.default_backend()}\n")
+    print("| update on | compile (s) | fusions |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['update']} | {r['compile_s']} | {r['fusions']} |")
+    result = {"model": "small" if args.small else "default", "leaves": leaves, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
