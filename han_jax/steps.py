@@ -143,10 +143,11 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     It is given each group as one flat vector (:func:`optimizer_view`), not the
     parameter tree: the same maths (the global norm and AdamW are elementwise or
     whole-vector, and the finite check and accumulation are elementwise), in a
-    handful of ops instead of several per parameter leaf. With the tree, the
-    default model's 701 leaves made 6,502 update fusions that took 34.8 s of
-    the train step's compile on 2 cores; with the flat view, 738 fusions and
-    11.9 s (``benchmarks/README.md``).
+    handful of ops instead of several per parameter leaf. Compiled alone on 2
+    cores, the default model's update took 32.5 s and 6,502 fusions on its 701
+    leaves, and takes 13.6 s and 738 fusions on the flat view
+    (``benchmarks/bench_update_compile.py``; the train step's whole compile
+    went from 107.8 s to 66.3 s, ``benchmarks/README.md``).
     """
     optim = config.step.optim
     schedule = learning_rate_schedule(optim, num_epochs=config.train.epochs)
