@@ -117,7 +117,7 @@ def _pad_feature_embedding(params, width: int):
 
 
 class MultiSourceMonthlyEncoder(nn.Module, kw_only=True):
-    """Per-source monthly encoders + post-norm cross-source attention (attention only, no FFN)."""
+    """Per-source monthly encoders (run as one, vmapped) + post-norm cross-source attention (no FFN)."""
 
     n_features: tuple
     d_model: int
