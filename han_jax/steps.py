@@ -240,12 +240,17 @@ def _optimizer_init_fn(config: Config):
     return persistent(jax.jit(init), "optimizer_init", config, without_store=init)
 
 
+def init_optimizer(config: Config, params, log_vars: dict):
+    """:func:`make_optimizer`'s initial state for these parameters, over :func:`optimizer_view`'s flat groups."""
+    return _optimizer_init_fn(config)(optimizer_view({"model": params, "log_vars": log_vars}))
+
+
 def create_train_state(rng: Array, config: Config, inputs: Inputs) -> TrainState:
     """Initialises parameters (from one sample batch's shapes), log-variances and optimiser."""
     init_rng, state_rng = jax.random.split(rng)
     params = _init_fn(config.model, config.step.policy, config.step.rng_impl)(init_rng, inputs)["params"]
     log_vars = init_log_vars(config.step.aggregate.task_names, config.step.log_var_priors)
-    opt_state = _optimizer_init_fn(config)(optimizer_view({"model": params, "log_vars": log_vars}))
+    opt_state = init_optimizer(config, params, log_vars)
     return TrainState(
         step=jnp.int32(0),
         params=params,

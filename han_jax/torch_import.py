@@ -975,7 +975,7 @@ def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
 
     from han_jax.precision import make_loss_scale
     from han_jax.runs import prepare, write_run_folder
-    from han_jax.steps import TrainState, make_optimizer, optimizer_view
+    from han_jax.steps import TrainState, init_optimizer
 
     # The original's heads (no residual forecast, no daily state in the regime head), whatever the preset says.
     model = dataclasses.replace(checkpoint.model_config(base=config.model), forecast_residual=False,
@@ -1000,7 +1000,7 @@ def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
         step=jnp.int32(0),
         params=params,
         log_vars=log_vars,
-        opt_state=make_optimizer(resolved).init(optimizer_view({"model": params, "log_vars": log_vars})),
+        opt_state=init_optimizer(resolved, params, log_vars),
         loss_scale=make_loss_scale(resolved.step.policy),
         rng=jax.random.split(jax.random.PRNGKey(resolved.train.seed))[1],
     )
