@@ -6,10 +6,12 @@ Usage::
 
 Compiles, alone, the update part of ``han_jax.steps.train_step`` for the default model (``--small``: the small
 preset's): ``make_optimizer(config).update`` (``apply_if_finite`` around ``MultiSteps`` around the AdamW groups),
-``optax.apply_updates`` and the gradient norm, once the way han-jax ran it before issue 15's third round (optax
-handed the parameter trees: several small ops per leaf) and once as ``train_step`` runs it now (one flat vector
-per group, ``steps.optimizer_view``, and the trees rebuilt after the update). Prints the compile time and the
-number of fusions of each as a markdown table; ``--out`` writes JSON.
+``optax.apply_updates`` and the gradient norm, three ways: as han-jax ran it before issue 15's third round (optax
+handed the parameter trees: several small ops per leaf); on one flat vector per group with the trees rebuilt by
+``ravel_pytree``'s static slices (the third round); and as ``train_step`` runs it now, the trees rebuilt by
+``steps.from_optimizer_view``'s run-time-offset slices (the fourth round). Prints the compile time, the number of
+fusions and of distinct fused computations (the kernels XLA:CPU compiles, ``han_jax.testing.compiled_kernels``) of
+each as a markdown table; ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -32,10 +33,11 @@ def main(argv=None) -> dict:
 
     import jax
     import optax
+    from jax.flatten_util import ravel_pytree
 
     from han_jax.config import Config, ModelConfig
     from han_jax.steps import create_train_state, from_optimizer_view, make_optimizer, optimizer_view
-    from han_jax.testing import random_batch
+    from han_jax.testing import compiled_kernels, random_batch
 
     model = ModelConfig.small() if args.small else ModelConfig()
     config = Config(model=model)
@@ -48,26 +50,34 @@ def main(argv=None) -> dict:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(grads["model"])
 
-    def on_flat_groups(trainable, grads, opt_state):
-        flat, grads = optimizer_view(trainable), optimizer_view(grads)
-        updates, opt_state = tx.update(grads, opt_state, flat)
-        new = from_optimizer_view(optax.apply_updates(flat, updates), trainable)
-        return new, opt_state, optax.tree.norm(grads["model"])
+    def on_flat_groups(rebuild):
+        def update(trainable, grads, opt_state):
+            flat, grads = optimizer_view(trainable), optimizer_view(grads)
+            updates, opt_state = tx.update(grads, opt_state, flat)
+            new = rebuild(optax.apply_updates(flat, updates), trainable)
+            return new, opt_state, optax.tree.norm(grads["model"])
+        return update
+
+    def static_slices(flat, like):
+        return {group: ravel_pytree(like[group])[1](vector) for group, vector in flat.items()}
 
     rows = []
-    for name, fn, opt_state in (("parameter trees (before)", on_trees, tx.init(trainable)),
-                                ("flat group vectors (train_step now)", on_flat_groups, state.opt_state)):
+    for name, fn, opt_state in (
+            ("parameter trees (second round)", on_trees, tx.init(trainable)),
+            ("flat group vectors, static slices back (third round)", on_flat_groups(static_slices), state.opt_state),
+            ("flat group vectors, run-time-offset slices back (train_step now)",
+             on_flat_groups(from_optimizer_view), state.opt_state)):
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(trainable, trainable, opt_state).compile()
         seconds = time.perf_counter() - t0
-        fusions = len(re.findall(r"= \S+ fusion\(", compiled.as_text()))
-        rows.append({"update": name, "compile_s": round(seconds, 1), "fusions": fusions})
+        fusions, kernels = compiled_kernels(compiled.as_text())
+        rows.append({"update": name, "compile_s": round(seconds, 1), "fusions": fusions, "kernels": kernels})
         del compiled
     leaves = len(jax.tree_util.tree_leaves(trainable))
     print(f"{'small' if args.small else 'default'} model, {leaves} parameter leaves, backend {jax.default_backend()}\n")
-    print("| update on | compile (s) | fusions |\n|---|---|---|")
+    print("| update on | compile (s) | fusions | distinct kernels |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['update']} | {r['compile_s']} | {r['fusions']} |")
+        print(f"| {r['update']} | {r['compile_s']} | {r['fusions']} | {r['kernels']} |")
     result = {"model": "small" if args.small else "default", "leaves": leaves, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

@@ -42,6 +42,7 @@ from typing import Any, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -183,8 +184,44 @@ def optimizer_view(trainable: dict) -> dict:
 
 
 def from_optimizer_view(flat: dict, like: dict) -> dict:
-    """Inverse of :func:`optimizer_view`: flat group vectors back into the trees of ``like``."""
-    return {group: ravel_pytree(like[group])[1](vector) for group, vector in flat.items()}
+    """Inverse of :func:`optimizer_view`: flat group vectors back into the trees of ``like``.
+
+    Each leaf is a ``dynamic_slice`` of its group's vector at an offset XLA only sees at
+    run time (:func:`_run_time_offsets`), where ``ravel_pytree`` slices at static
+    offsets. XLA:CPU compiles one kernel per distinct fused computation, and a static
+    offset is part of it, so the default model's 701 leaves were 701 kernels to compile
+    and load; with run-time offsets the leaves of one shape share one (53 shapes). The
+    update alone (``benchmarks/bench_update_compile.py``): 732 kernels and 13.5 s to
+    compile before, 89 and 4.8 s now; the train step's kernels 2,106 -> 1,463 (issue 15,
+    fourth round, in ``benchmarks/README.md``). The values are the same.
+    """
+    trees = {}
+    for group, vector in flat.items():
+        leaves, treedef = jax.tree_util.tree_flatten(like[group])
+        offsets = _run_time_offsets([leaf.size for leaf in leaves], vector)
+        trees[group] = jax.tree_util.tree_unflatten(treedef, [
+            jax.lax.dynamic_slice(vector, (offset,), (leaf.size,)).reshape(leaf.shape).astype(leaf.dtype)
+            for offset, leaf in zip(offsets, leaves)])
+    return trees
+
+
+def _run_time_offsets(sizes: list, vector: Array) -> tuple:
+    """The start offset of each of ``sizes`` in a concatenation, as values XLA cannot fold into kernels.
+
+    They are the outputs of a ``lax.cond`` whose two branches are the same constants
+    and whose predicate depends on ``vector``, so either branch gives the same values.
+    ``optimization_barrier`` would say this more plainly, but XLA:CPU removes barriers
+    before it folds constants. Should a later XLA simplify the conditional away, the
+    offsets become static again: slower to compile, the same values.
+    """
+    offsets = tuple(int(o) for o in np.cumsum([0] + list(sizes[:-1])))
+    if vector.size == 0:  # an empty group: nothing to slice
+        return offsets
+
+    def constants():
+        return tuple(jnp.int32(o) for o in offsets)
+
+    return jax.lax.cond(vector[0] > 0, constants, constants)
 
 
 def _with_accumulator(state: "TrainState", convert) -> "TrainState":

@@ -1,4 +1,4 @@
-"""Random batches in the han-jax batch format, for tests and benchmarks.
+"""Random batches in the han-jax batch format, and a count of compiled kernels, for tests and benchmarks.
 
 Shapes follow ``docs/data.md`` section 3; values are random but structured the
 way real batches are (whole-day observation masks across a source's features,
@@ -7,6 +7,8 @@ padding rows at the end, alternating high/low monthly observation rates).
 
 from __future__ import annotations
 
+import collections
+import re
 from typing import Optional
 
 import numpy as np
@@ -55,3 +57,32 @@ def random_batch(config: ModelConfig, b: int = 4, t: int = 60, m: int = 3, seed:
         monthly_obs_rate=np.where(np.arange(b) % 2 == 0, 0.9, 0.3).astype(np.float32),
     )
     return inputs, targets
+
+
+def compiled_kernels(hlo_text: str, op_name: str = "") -> tuple[int, int]:
+    """(fusions, distinct fused computations) in a compiled module's text (``compiled.as_text()``).
+
+    XLA:CPU compiles one kernel per distinct fused computation and reuses it for every
+    fusion that calls an identical one, so the second number is what the backend
+    compiles and loads; here two computations are identical when their text is, once
+    instruction names and metadata are dropped. ``op_name``: count only fusions whose
+    ``op_name`` metadata contains it.
+    """
+    bodies: dict = {}
+    name = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            name = header.group(1)
+            bodies[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            line = re.sub(r", metadata=\{[^}]*\}", "", line)
+            bodies[name].append(re.sub(r"%[\w.\-]+", "%", line.strip()))
+    callees = collections.Counter()
+    for line in hlo_text.splitlines():
+        fusion = re.search(r"= \S+ fusion\(.*calls=%?([\w.\-]+)", line)
+        if fusion and op_name in (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]:
+            callees["\n".join(bodies[fusion.group(1)])] += 1
+    return sum(callees.values()), len(callees)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from han_jax.config import AggregateConfig, OptimConfig, StepConfig, TrainConfig
 from han_jax.parallel import make_parallel, replicate
@@ -20,7 +21,7 @@ from han_jax.steps import (
     with_flat_accumulator,
     with_tree_accumulator,
 )
-from han_jax.testing import random_batch
+from han_jax.testing import compiled_kernels, random_batch
 from tests.helpers import tiny_run_config
 
 # The step configuration of the tiny CLI run (tests/test_train.py): compiled steps are
@@ -185,6 +186,23 @@ def test_accumulating_four_micro_batches_equals_one_step_on_the_whole_batch(batc
     # Same tolerance as the pmap test: zero-true-gradient key biases move by Adam-amplified noise.
     chex.assert_trees_all_close(_host(s4.params), _host(s1.params), rtol=1e-4, atol=2e-5)
     chex.assert_trees_all_close(_host(s4.log_vars), _host(s1.log_vars), rtol=1e-6, atol=1e-7)
+
+
+def test_the_trees_are_rebuilt_from_the_flat_vectors_with_one_kernel_per_leaf_shape():
+    """from_optimizer_view slices at run-time offsets: its values are ravel_pytree's, and leaves of one
+    shape share a compiled kernel (static offsets gave one kernel per leaf, issue 15's fourth round)."""
+    rng = np.random.default_rng(0)
+    like = {"model": {f"layer_{i}": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                                     "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)} for i in range(6)},
+            "log_vars": {"regime": jnp.float32(0.5), "casualty": jnp.float32(-0.25)}}
+    flat = optimizer_view(like)
+    for group, tree in like.items():
+        chex.assert_trees_all_equal(from_optimizer_view(flat, like)[group], ravel_pytree(tree)[1](flat[group]))
+    rebuild = jax.jit(lambda flat: from_optimizer_view(jax.tree.map(lambda v: v * 2.0, flat), like))
+    chex.assert_trees_all_close(rebuild(flat), jax.tree.map(lambda x: x * 2.0, like))
+    fusions, kernels = compiled_kernels(rebuild.lower(flat).compile().as_text(), op_name="dynamic_slice")
+    assert fusions >= 12, fusions  # the model group's 12 leaves are each sliced out of its vector
+    assert kernels <= 3, (fusions, kernels)  # (3, 4), (4,), () shapes: not one kernel per leaf
 
 
 def test_the_optimiser_on_flat_group_vectors_is_the_same_update_as_on_the_trees(state):
