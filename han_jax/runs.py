@@ -24,7 +24,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import signal
 import uuid
 from typing import Callable, Iterable, Iterator, Optional
@@ -92,6 +91,19 @@ def prepare(config: Config, log=None) -> tuple[Datasets, Config]:
     return datasets, config
 
 
+def _accumulator_is_trees(metadata) -> bool:
+    """Whether a checkpoint's tree metadata holds ``MultiSteps``' accumulated gradients as parameter trees.
+
+    han-jax wrote them so before :func:`~han_jax.steps.optimizer_view` (one flat vector per group since);
+    the metadata says which before any array is read.
+    """
+    try:
+        acc = metadata["state"]["opt_state"]["inner_state"]["acc_grads"]
+    except (KeyError, TypeError):
+        return False
+    return isinstance(acc, dict) and isinstance(acc.get("model"), dict)
+
+
 class Checkpoints:
     """Latest and best train states with orbax, plus the loop's JSON metadata.
 
@@ -121,8 +133,13 @@ class Checkpoints:
                                             enable_async_checkpointing=False, read_only=not create,
                                             cleanup_tmp_directories=create)
         root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=opts)
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=opts)
+        # The handlers named up front, so a fresh manager can read a checkpoint's tree metadata (restore).
+        def manager(folder):
+            return ocp.CheckpointManager(folder, options=opts, item_handlers={
+                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+        self.latest = manager(os.path.join(root, "latest"))
+        self.best = manager(os.path.join(root, "best"))
 
     def save(self, manager, epoch: int, state: TrainState, meta: dict) -> None:
         ocp = self._ocp
@@ -148,17 +165,14 @@ class Checkpoints:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
 
-        try:
-            out = restore(template)
-            convert = None
-        except ValueError as e:
+        if _accumulator_is_trees(manager.item_metadata(step)):
             # A checkpoint from before the optimiser saw flat group vectors (steps.optimizer_view):
-            # its gradient accumulator is the parameter trees. Read it so, convert it (lossless).
-            mismatched = re.findall(r"^(\S+):$", str(e), re.M)
-            if not mismatched or not all(path.startswith("opt_state.inner_state.acc_grads.") for path in mismatched):
-                raise
+            # read it in its own layout, then convert it (lossless). Any other mismatch is orbax's error.
             out = restore(jax.eval_shape(with_tree_accumulator, template))
             convert = with_flat_accumulator
+        else:
+            out = restore(template)
+            convert = None
         # orbax hands back device-committed arrays; a fresh state is uncommitted, and jit
         # keys its cache on that, so a resumed run would recompile every step. Hand back
         # uncommitted arrays, exactly as create_train_state does.

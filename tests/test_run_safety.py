@@ -345,8 +345,9 @@ def test_resume_completes_a_best_save_interrupted_after_latest(tmp_path):
 def test_a_checkpoint_from_before_the_flat_optimiser_view_restores_converted(tmp_path):
     """Checkpoints written before steps.optimizer_view hold MultiSteps' accumulator as parameter trees.
 
-    Restoring one gives today's state (the accumulator as flat group vectors) with every value kept;
-    a checkpoint mismatched in anything else is still refused.
+    Restoring one, in the process that wrote it or in a fresh read-only one, gives today's state (the
+    accumulator as flat group vectors) with every value kept; the layout is read from the checkpoint's tree
+    metadata. A checkpoint mismatched in anything else is still refused.
     """
     import jax
     import jax.numpy as jnp
@@ -368,6 +369,9 @@ def test_a_checkpoint_from_before_the_flat_optimiser_view_restores_converted(tmp
     restored, meta = ckpt.restore(ckpt.latest, state)
     assert meta == {"epoch": 3, "best_epoch": 3}
     chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+    reader = runs.Checkpoints(str(tmp_path), create=False)  # as a later process (evaluate, resume) opens it
+    chex.assert_trees_all_equal(jax.device_get(reader.restore(reader.latest, state)[0]), jax.device_get(state))
+    reader.close()
     other = state.replace(log_vars={**state.log_vars, "extra": jnp.float32(0.0)})
     with pytest.raises(ValueError, match="log_vars"):
         ckpt.restore(ckpt.latest, other)
