@@ -165,7 +165,7 @@ class Checkpoints:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
 
-        if _accumulator_is_trees(manager.item_metadata(step)):
+        if _accumulator_is_trees(manager.metadata(step).item_metadata):
             # A checkpoint from before the optimiser saw flat group vectors (steps.optimizer_view):
             # read it in its own layout, then convert it (lossless). Any other mismatch is orbax's error.
             out = restore(jax.eval_shape(with_tree_accumulator, template))

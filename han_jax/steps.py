@@ -186,36 +186,56 @@ def optimizer_view(trainable: dict) -> dict:
 def from_optimizer_view(flat: dict, like: dict) -> dict:
     """Inverse of :func:`optimizer_view`: flat group vectors back into the trees of ``like``.
 
-    Each leaf is a ``dynamic_slice`` of its group's vector at an offset XLA only sees at
-    run time (:func:`_run_time_offsets`), where ``ravel_pytree`` slices at static
+    On CPU each leaf is a ``dynamic_slice`` of its group's vector at an offset XLA only
+    sees at run time (:func:`_run_time_offsets`), where ``ravel_pytree`` slices at static
     offsets. XLA:CPU compiles one kernel per distinct fused computation, and a static
-    offset is part of it, so the default model's 701 leaves were 701 kernels to compile
-    and load; with run-time offsets the leaves of one shape share one (53 shapes). The
-    update alone (``benchmarks/bench_update_compile.py``): 732 kernels and 13.5 s to
-    compile before, 89 and 4.8 s now; the train step's kernels 2,106 -> 1,463 (issue 15,
-    fourth round, in ``benchmarks/README.md``). The values are the same.
+    offset is part of it, so the default model's 701 leaves were 701 kernels to compile;
+    with run-time offsets the leaves of one shape share one (53 shapes). The update alone
+    (``benchmarks/bench_update_compile.py``): 732 kernels and 13.5 s to compile before,
+    89 and 4.8 s now; the train step's kernels 2,106 -> 1,463 (issue 15, fourth round, in
+    ``benchmarks/README.md``). Other backends keep static slices: a conditional there can
+    cost a device-to-host sync of its predicate. The values are the same either way.
+
+    Raises:
+      ValueError: a vector that does not hold exactly its group's leaves.
     """
     trees = {}
     for group, vector in flat.items():
         leaves, treedef = jax.tree_util.tree_flatten(like[group])
-        offsets = _run_time_offsets([leaf.size for leaf in leaves], vector)
-        trees[group] = jax.tree_util.tree_unflatten(treedef, [
-            jax.lax.dynamic_slice(vector, (offset,), (leaf.size,)).reshape(leaf.shape).astype(leaf.dtype)
-            for offset, leaf in zip(offsets, leaves)])
+        sizes = [int(np.size(leaf)) for leaf in leaves]
+        dtype = jnp.result_type(*leaves) if leaves else vector.dtype
+        if vector.shape != (sum(sizes),) or vector.dtype != dtype:
+            raise ValueError(f"optimiser view of {group!r}: expected a {dtype}[{sum(sizes)}] vector for its "
+                             f"{len(leaves)} leaves, got {vector.dtype}{list(vector.shape)}")
+
+        def rebuild(vector, run_time: bool, leaves=leaves, sizes=sizes):
+            offsets = _run_time_offsets(sizes, vector) if run_time else _offsets(sizes)
+            return [jax.lax.dynamic_slice(vector, (offset,), (size,)).reshape(np.shape(leaf)).astype(leaf.dtype)
+                    for offset, size, leaf in zip(offsets, sizes, leaves)]
+
+        rebuilt = jax.lax.platform_dependent(vector, cpu=functools.partial(rebuild, run_time=True),
+                                             default=functools.partial(rebuild, run_time=False))
+        trees[group] = jax.tree_util.tree_unflatten(treedef, rebuilt)
     return trees
 
 
+def _offsets(sizes: list) -> tuple:
+    """The start offset of each of ``sizes`` in their concatenation."""
+    return tuple(int(o) for o in np.cumsum([0] + list(sizes[:-1])))
+
+
 def _run_time_offsets(sizes: list, vector: Array) -> tuple:
-    """The start offset of each of ``sizes`` in a concatenation, as values XLA cannot fold into kernels.
+    """:func:`_offsets` as values XLA cannot fold into kernels.
 
     They are the outputs of a ``lax.cond`` whose two branches are the same constants
     and whose predicate depends on ``vector``, so either branch gives the same values.
     ``optimization_barrier`` would say this more plainly, but XLA:CPU removes barriers
     before it folds constants. Should a later XLA simplify the conditional away, the
-    offsets become static again: slower to compile, the same values.
+    offsets become static again: slower to compile, the same values. Under ``vmap`` the
+    conditional becomes a select and the slices gathers: the same values, slower.
     """
-    offsets = tuple(int(o) for o in np.cumsum([0] + list(sizes[:-1])))
-    if vector.size == 0:  # an empty group: nothing to slice
+    offsets = _offsets(sizes)
+    if vector.size == 0 or sum(sizes) >= 2**31:  # nothing to slice, or offsets past int32: static ones
         return offsets
 
     def constants():

@@ -64,8 +64,9 @@ def compiled_kernels(hlo_text: str, op_name: str = "") -> tuple[int, int]:
 
     XLA:CPU compiles one kernel per distinct fused computation and reuses it for every
     fusion that calls an identical one, so the second number is what the backend
-    compiles and loads; here two computations are identical when their text is, once
-    instruction names and metadata are dropped. ``op_name``: count only fusions whose
+    compiles; here two computations are identical when their text is, once instruction
+    names and metadata are dropped (so is the name of a called reducer: two bodies that
+    differ only in it count as one). ``op_name``: count only fusions whose
     ``op_name`` metadata contains it.
     """
     bodies: dict = {}
@@ -82,7 +83,7 @@ def compiled_kernels(hlo_text: str, op_name: str = "") -> tuple[int, int]:
             bodies[name].append(re.sub(r"%[\w.\-]+", "%", line.strip()))
     callees = collections.Counter()
     for line in hlo_text.splitlines():
-        fusion = re.search(r"= \S+ fusion\(.*calls=%?([\w.\-]+)", line)
+        fusion = re.search(r"= .*? fusion\(.*calls=%?([\w.\-]+)", line)  # any result type, tuples too
         if fusion and op_name in (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]:
             callees["\n".join(bodies[fusion.group(1)])] += 1
     return sum(callees.values()), len(callees)

@@ -203,6 +203,8 @@ def test_the_trees_are_rebuilt_from_the_flat_vectors_with_one_kernel_per_leaf_sh
     fusions, kernels = compiled_kernels(rebuild.lower(flat).compile().as_text(), op_name="dynamic_slice")
     assert fusions >= 12, fusions  # the model group's 12 leaves are each sliced out of its vector
     assert kernels <= 3, (fusions, kernels)  # (3, 4), (4,), () shapes: not one kernel per leaf
+    with pytest.raises(ValueError, match="'model': expected a float32\\[96\\] vector"):  # dynamic_slice would clamp
+        from_optimizer_view({**flat, "model": flat["model"][:-1]}, like)
 
 
 def test_the_optimiser_on_flat_group_vectors_is_the_same_update_as_on_the_trees(state):
