@@ -55,6 +55,36 @@ def test_dropout_masks_are_independent():
         assert abs((m == m3).mean() - 0.5) < 5 * 0.5 / np.sqrt(n)
 
 
+def test_dropout_masks_of_the_train_step_keys_are_independent():
+    """The train step's keys (``unsafe_rbg`` from one u32 ``s``, then ``fold_in`` per call site).
+
+    The seed is mixed from the key's words, not drawn from the key: steps one bit apart and
+    sites one ``fold_in`` apart must still give unrelated masks.
+    """
+    shape = (64, 128, 128)
+    n = np.prod(shape)
+    tol = 5 * 0.5 / np.sqrt(n)
+    base = jax.random.key(1, impl="unsafe_rbg")
+    m = np.asarray(keep_mask(base, 0.5, shape))
+    others = [jax.random.key(2, impl="unsafe_rbg"), jax.random.key(3, impl="unsafe_rbg"),
+              jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)]
+    masks = [np.asarray(keep_mask(k, 0.5, shape)) for k in others]
+    for other in masks:
+        assert abs(other.mean() - 0.5) < tol
+        assert abs((m == other).mean() - 0.5) < tol
+    assert abs((masks[2] == masks[3]).mean() - 0.5) < tol
+
+
+def test_dropout_draws_no_bits_from_its_key():
+    """One generator call per dropout site was most of the train step's compiled instructions."""
+    x = jnp.ones((4, 50, 8))
+    key = jax.random.key(0, impl="unsafe_rbg")
+    jaxpr = jax.make_jaxpr(lambda x, k: Dropout(rate=0.3).apply({}, x, False, rngs={"dropout": k}))(x, key)
+    names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    assert "random_fold_in" in names  # flax's make_rng: the call site folded into the key
+    assert "random_bits" not in names, names
+
+
 def test_dropout_module_contract():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 50, 8))
     drop = Dropout(rate=0.3)

@@ -6,10 +6,19 @@ default train step showed the bit generators alone costing more than the attenti
 matmuls for each attention-dropout mask, with every implementation JAX offers
 (threefry2x32, rbg, unsafe_rbg); the figures are in ``benchmarks/README.md``.
 
-Here each element's bits are a hash of (its linear index, a 64-bit seed drawn from the
-module's ``dropout`` rng stream): a few integer multiplies and shifts that XLA fuses
-into the consumer of the mask, so a mask costs about one elementwise pass and is
-recomputed rather than stored where XLA prefers.
+Here each element's bits are a hash of (its linear index, a 64-bit seed taken from the
+key that the module's ``dropout`` rng stream gives it): a few integer multiplies and
+shifts that XLA fuses into the consumer of the mask, so a mask costs about one
+elementwise pass and is recomputed rather than stored where XLA prefers.
+
+The seed is the key's own words, mixed (:func:`key_seed`), not a draw from the key:
+flax's ``make_rng`` already folds each call site into the key, and a further
+``jax.random.bits`` per site was one more generator call (RngBitGenerator, expanded
+by XLA into a called computation of about a hundred instructions) at each of the
+default train step's 360 dropout sites: 41,000 of its 181,000 compiled instructions,
+the largest single item of its compile after the kernels (``benchmarks/README.md``,
+issue 15 fifth round). Mixing the words inside the mask's own fusion keeps the site's
+identity a run-time operand, so masks of one shape still share one compiled kernel.
 Fused GPU attention kernels draw their dropout masks the same counter-based way
 (FlashAttention uses Philox).
 
@@ -52,11 +61,30 @@ def hashed_bits(seed: jax.Array, shape) -> jax.Array:
     return _mix32(h ^ seed[1])
 
 
+def key_seed(key: jax.Array) -> jax.Array:
+    """A [2] u32 seed from the words of a PRNG key (typed, or a raw uint32 key).
+
+    Two-word keys (threefry) are the seed. Four-word keys (rbg, ``unsafe_rbg``)
+    are folded in pairs, ``[w0 + w1, w2 ^ w3]``, so that both seed words change
+    with the step: an ``unsafe_rbg`` key made from one u32 ``s`` is ``[0, s, 0, s]``
+    and ``fold_in`` XORs a site's constant into all four words, so a pairing that
+    XORs ``w1`` with ``w3`` would cancel ``s``. Two operations, because they are
+    fused into every mask element's computation (chaining the words through the
+    hash as well added 20,000 instructions to the train step).
+    """
+    words = jax.random.key_data(key)
+    n = words.shape[-1]
+    if n == 2:
+        return words
+    if n != 4:
+        raise ValueError(f"dropout key has {n} u32 words; expected 2 (threefry) or 4 (rbg, unsafe_rbg)")
+    return jnp.stack([words[..., 0] + words[..., 1], words[..., 2] ^ words[..., 3]], axis=-1)
+
+
 def keep_mask(key: jax.Array, keep_prob: float, shape) -> jax.Array:
     """Bool mask of ``shape``, each element True with probability ``keep_prob``."""
     threshold = min(int(round(keep_prob * 2**32)), 2**32 - 1)
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    return hashed_bits(seed, shape) < jnp.uint32(threshold)
+    return hashed_bits(key_seed(key), shape) < jnp.uint32(threshold)
 
 
 class Dropout(nn.Module, kw_only=True):
