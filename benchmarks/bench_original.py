@@ -1,4 +1,4 @@
-"""han-jax's default train step against the original PyTorch model's, timed in one process (issue 15).
+"""han-jax's default train step against the original PyTorch model's, timed in one process.
 
 Usage::
 
@@ -20,7 +20,7 @@ B=8, T=365, M=12 in float32 on every core:
   original's multi-task loss: a few element-wise passes over small head outputs
   against a model forward and backward of seconds, so the comparison favours
   the original slightly;
-* han-jax: ``han_jax.steps.train_step`` jitted (model, the shared loss path,
+* han-jax: ``han_jax.training.steps.train_step`` jitted (model, the shared loss path,
   optax), compiled before timing.
 
 The two are timed alternately, run by run, so a shared machine's slow spell hits
@@ -103,16 +103,20 @@ def main(argv=None) -> dict:
     import torch
 
     from han_jax.config import Config, ModelConfig, TrainConfig
-    from han_jax.steps import create_train_state, jit_steps
     from han_jax.testing import random_batch
+    from han_jax.training.devices import SingleDevice
+    from han_jax.training.schedule import Schedule
+    from han_jax.training.spec import StepSpec
+    from han_jax.training.steps import create_train_state
 
     torch.set_num_threads(os.cpu_count())
     config = Config(train=TrainConfig(batch_size=args.batch))
+    spec = StepSpec.of(config)  # the default model on the original's default sources
     model = original_model(args.analysis, ModelConfig())
     n_torch = sum(p.numel() for p in model.parameters())
     if n_torch != N_PARAMS:
         raise SystemExit(f"the original built here has {n_torch:,} parameters; expected {N_PARAMS:,}")
-    inputs, targets = random_batch(config.model, b=args.batch, t=365, m=12, seed=0)
+    inputs, targets = random_batch(spec.model, b=args.batch, t=365, m=12, seed=0)
     batch = torch_batch(inputs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     model.train()
@@ -126,8 +130,9 @@ def main(argv=None) -> dict:
         optimizer.step()
         return float(loss.detach())
 
-    state = create_train_state(jax.random.PRNGKey(0), config, inputs)
-    train = jit_steps(config).train
+    schedule = Schedule.of(config.step.optim, epochs=config.train.epochs)
+    state = create_train_state(jax.random.PRNGKey(0), spec, inputs, schedule)
+    train = SingleDevice().steps(spec, schedule).train
     t = time.perf_counter()
     state, metrics = train(state, inputs, targets)
     jax.block_until_ready(metrics)

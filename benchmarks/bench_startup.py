@@ -1,4 +1,4 @@
-"""Time to the first train step, cold and warm (issue 15): what a user waits for before training starts.
+"""Time to the first train step, cold and warm: what a user waits for before training starts.
 
 Usage::
 
@@ -35,40 +35,45 @@ def first_step(preset: str, cache_dir: str, launched: float, executables: bool =
     """In a fresh process: the CLI's start-up path to the end of the first train step, phase by phase.
 
     ``executables=False`` keeps JAX's persistent cache but not han-jax's stored executables
-    (``han_jax.compilation_cache.persistent``): what a warm start cost before them.
+    (``han_jax.training.compilation_cache.persistent``): what a warm start cost before them.
     """
-    from han_jax import compilation_cache
+    from han_jax.training import compilation_cache
 
     compilation_cache.enable_compilation_cache(cache_dir)
     if not executables:
         compilation_cache.set_executable_dir(None)
     import jax
 
+    from han_jax.app.runs import prepare
     from han_jax.config import get_config
     from han_jax.data import iterate_batches
-    from han_jax.parallel import make_parallel
-    from han_jax.runs import prepare
-    from han_jax.steps import create_train_state
+    from han_jax.training.devices import make_devices
+    from han_jax.training.schedule import Schedule
+    from han_jax.training.spec import StepSpec
+    from han_jax.training.steps import create_train_state
 
     marks = {"import_s": time.time() - launched}
     t = time.perf_counter()
-    datasets, config = prepare(get_config(preset))
+    config = get_config(preset)
+    datasets, resolved = prepare(config)
     marks["data_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    parallel = make_parallel(config.train)
+    devices = make_devices(config.train.num_devices, config.train.parallel)
     inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size))
-    steps = parallel.steps(config)
-    compilation_cache.prefetch(steps.train, steps.start_epoch, steps.eval)  # as han_jax.train does
-    state = parallel.put_state(create_train_state(jax.random.PRNGKey(config.train.seed), config, inputs))
+    spec = StepSpec.of(config, resolved)
+    steps = devices.steps(spec, Schedule.of(config.step.optim, epochs=config.train.epochs,
+                                            steps_per_epoch=resolved.steps_per_epoch))
+    steps.prefetch("train", "start_epoch", "eval")  # as han_jax.app.train does
+    state = devices.put_state(create_train_state(jax.random.PRNGKey(config.train.seed), spec, inputs))
     jax.block_until_ready(state)
     marks["init_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    state = steps.start_epoch(state, parallel.epoch(0))
-    state, metrics = steps.train(state, *parallel.put_batch((inputs, targets)))
-    jax.block_until_ready(metrics)
+    state = steps.start_epoch(state, 0)
+    state, out = steps.train(state, *devices.put_batch((inputs, targets)))
+    jax.block_until_ready(out)
     marks["first_step_s"] = time.perf_counter() - t
     marks["time_to_first_step_s"] = time.time() - launched
-    marks["loss"] = float(metrics["weighted_total"])
+    marks["loss"] = float(out.metrics["weighted_total"])
     return marks
 
 

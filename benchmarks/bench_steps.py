@@ -10,7 +10,7 @@ with ``block_until_ready``; median and spread over ``--runs`` calls):
 
 * base point (default ``ModelConfig``, B=8, T=365, M=12, f32): ``model.init`` and the
   forward pass, then ``train_step`` / ``eval_step`` / ``test_step`` from
-  ``han_jax.steps.jit_steps``: run time, samples/s, compile time (``lower`` +
+  ``han_jax.training.devices.SingleDevice().steps``: run time, samples/s, compile time (``lower`` +
   ``compile``, ahead of time), XLA's memory analysis of each executable, peak host RSS
   and device memory where the backend reports it;
 * work per step from XLA's cost analysis (FLOPs of the compiled train step) and the
@@ -181,6 +181,15 @@ def cost_flops(compiled):
     return float(f) if f is not None and f >= 0 else None
 
 
+def hlo_instructions(compiled):
+    from han_jax.testing import hlo_counts
+
+    try:
+        return hlo_counts(compiled.as_text())
+    except Exception:  # noqa: BLE001 - a backend without the text form
+        return None
+
+
 def memory_analysis(compiled):
     try:
         m = compiled.memory_analysis()
@@ -200,7 +209,7 @@ def memory_analysis(compiled):
 def release_compiled():
     """Drop every cached executable between sweep points.
 
-    ``jit_steps`` and the init are cached per configuration, and each point is a new
+    The steps and the init are cached per specification, and each point is a new
     one: a full CPU run kept every point's executables (a few GiB) and ran out of
     host memory compiling the ninth.
     """
@@ -208,9 +217,9 @@ def release_compiled():
 
     import jax
 
-    from han_jax import steps
+    from han_jax.training import devices, steps
 
-    steps.jit_steps.cache_clear()
+    devices._compiled_steps.cache_clear()
     steps._init_fn.cache_clear()
     jax.clear_caches()
     gc.collect()
@@ -226,11 +235,20 @@ def compile_aot(fn, *args):
 
 
 def step_config(model_kw: dict, policy: str, quick: bool):
+    """The step specification of a benchmark point (the default preset's, or a tiny one with ``--quick``)."""
     from han_jax.config import Config, ModelConfig, StepConfig
-    from han_jax.precision import Policy
+    from han_jax.core.precision import Policy
+    from han_jax.training.spec import StepSpec
 
     model = ModelConfig.small(d_model=16, nhead=2, **model_kw) if quick else ModelConfig(**model_kw)
-    return Config(model=model, step=StepConfig(policy=Policy.from_string(policy)))
+    return StepSpec.of(Config(model=model, step=StepConfig(policy=Policy.from_string(policy))))
+
+
+def schedule():
+    from han_jax.config import OptimConfig
+    from han_jax.training.schedule import Schedule
+
+    return Schedule.of(OptimConfig(), epochs=200)
 
 
 def synthetic_batch(model_config, b, t, m, seed=0):
@@ -244,39 +262,40 @@ def synthetic_batch(model_config, b, t, m, seed=0):
     return jax.tree_util.tree_map(jnp.asarray, (inputs, targets))
 
 
-def raw_losses_fn(config):
+def raw_losses_fn(spec):
     """eval without the shared aggregation: model -> compute_losses -> raw task losses."""
     import jax
 
-    from han_jax.losses import compute_losses
-    from han_jax.steps import make_model
+    from han_jax.objective import compute_losses
+    from han_jax.training.steps import make_model
 
-    model = make_model(config)
+    model = make_model(spec)
 
     def f(state, inputs, targets):
         outputs = model.apply({"params": state.params}, inputs, deterministic=True)
-        return compute_losses(outputs, targets, config.step.loss)
+        return compute_losses(outputs, targets, spec.objective.loss, tasks=spec.objective.tasks)
 
     return jax.jit(f)
 
 
-def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=False):
-    """Compile and time the requested steps at one (config, shape) point."""
+def bench_point(spec, b, t, m, runs, which=("train", "eval", "test"), extras=False):
+    """Compile and time the requested steps at one (specification, shape) point."""
     import jax
 
-    from han_jax.steps import create_train_state, jit_steps, make_model
+    from han_jax.training.devices import SingleDevice
+    from han_jax.training.steps import create_train_state, make_model
 
-    inputs, targets = synthetic_batch(config.model, b, t, m)
-    res = {"batch": b, "days": t, "months": m, "policy": config.step.policy.name, "remat": config.model.remat}
+    inputs, targets = synthetic_batch(spec.model, b, t, m)
+    res = {"batch": b, "days": t, "months": m, "policy": spec.policy.name, "remat": spec.model.remat}
     t0 = time.perf_counter()
-    state = create_train_state(jax.random.PRNGKey(0), config, inputs)
+    state = create_train_state(jax.random.PRNGKey(0), spec, inputs, schedule())
     jax.block_until_ready(state)
     res["create_state_s"] = time.perf_counter() - t0  # includes the init compile
     res["n_params"] = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
-    steps = jit_steps(config)
+    steps = SingleDevice().steps(spec, schedule())
 
     if extras:
-        model = make_model(config)
+        model = make_model(spec)
         fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, deterministic=True))
         compiled, ct = compile_aot(fwd, state.params, inputs)
         jax.block_until_ready(compiled(state.params, inputs))
@@ -285,15 +304,17 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
 
     executables = {}
     for name in which:
-        compiled, ct = compile_aot(getattr(steps, name), state, inputs, targets)
+        args = (state, inputs, targets) + ((steps.schedule,) if name == "train" else ())
+        compiled, ct = compile_aot(getattr(steps.compiled, name), *args)
         executables[name] = compiled
-        r = {**ct, "flops": cost_flops(compiled), "memory": memory_analysis(compiled)}
+        r = {**ct, "flops": cost_flops(compiled), "memory": memory_analysis(compiled),
+             "instructions": hlo_instructions(compiled)}
         if name == "train":
             holder = [state]
 
             def call(compiled=compiled, holder=holder):
-                new_state, metrics = compiled(holder[0], inputs, targets)  # state is donated
-                jax.block_until_ready(metrics)
+                new_state, out = compiled(holder[0], inputs, targets, steps.schedule)  # state is donated
+                jax.block_until_ready(out)
                 holder[0] = new_state
 
             call()
@@ -307,13 +328,13 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
         res[name] = r
 
     if extras:
-        raw = raw_losses_fn(config)
+        raw = raw_losses_fn(spec)
         compiled, ct = compile_aot(raw, state, inputs, targets)
         call = lambda: jax.block_until_ready(compiled(state, inputs, targets))  # noqa: E731
         call()
         res["eval_raw_losses"] = {**ct, **timed(call, runs), "flops": cost_flops(compiled)}
         # Interleave the two so that drift on a shared machine hits both alike.
-        ev_c = executables.get("eval") or jit_steps(config).eval.lower(state, inputs, targets).compile()
+        ev_c = executables.get("eval") or steps.compiled.eval.lower(state, inputs, targets).compile()
         a, r_ = [], []
         for _ in range(max(runs, 5)):
             for fn, acc in ((ev_c, a), (compiled, r_)):
@@ -333,28 +354,26 @@ def bench_point(config, b, t, m, runs, which=("train", "eval", "test"), extras=F
 def devices_point(args, n_devices: int, layout: str, model_kw: dict, policy: str, b: int, t: int, m: int,
                   runs: int, step: str = "train") -> dict:
     """A step (train by default) over ``n_devices`` at global batch ``b`` in one layout of
-    ``han_jax.parallel`` ("sharded" jit over a mesh, or "pmap"), in this process (and, after
+    ``han_jax.training.devices`` ("sharded" jit over a mesh, or "pmap"), in this process (and, after
     ``start_distributed``, its peers: then the devices are every process's)."""
-    import dataclasses
-
     import jax
 
-    from han_jax.config import TrainConfig
-    from han_jax.parallel import make_parallel
-    from han_jax.steps import create_train_state
+    from han_jax.training.devices import make_devices
+    from han_jax.training.steps import create_train_state
 
-    config = step_config(model_kw, policy, args.quick)
-    parallel = make_parallel(dataclasses.replace(TrainConfig(), num_devices=n_devices, batch_size=b, parallel=layout))
-    host_inputs, host_targets = synthetic_batch(config.model, b, t, m)
-    state = parallel.put_state(create_train_state(jax.random.PRNGKey(0), config, host_inputs))
+    spec = step_config(model_kw, policy, args.quick)
+    parallel = make_devices(n_devices, layout)
+    parallel.process_rows(b)
+    host_inputs, host_targets = synthetic_batch(spec.model, b, t, m)
+    state = parallel.put_state(create_train_state(jax.random.PRNGKey(0), spec, host_inputs, schedule()))
     inputs, targets = parallel.put_batch((host_inputs, host_targets))
-    fn = getattr(parallel.steps(config), step)
+    fn = getattr(parallel.steps(spec, schedule()), step)
     holder = [state]
 
     def call():
         if step == "train":
-            new_state, metrics = fn(holder[0], inputs, targets)
-            jax.block_until_ready(metrics)
+            new_state, out = fn(holder[0], inputs, targets)
+            jax.block_until_ready(out)
             holder[0] = new_state
         else:
             jax.block_until_ready(fn(holder[0], inputs, targets))
@@ -414,7 +433,7 @@ def worker(args, spec: dict) -> list:
     """A benchmark subprocess: the layouts of ``spec`` over its devices (and processes)."""
     distributed = spec.pop("distributed", None)
     if distributed:
-        from han_jax.parallel import start_distributed
+        from han_jax.training.distributed import start_distributed
 
         address, n, pid = distributed
         start_distributed(coordinator_address=address, num_processes=n, process_id=pid, timeout_s=120)

@@ -4,14 +4,13 @@ Usage::
 
     python benchmarks/bench_update_compile.py [--small] [--out FILE.json]
 
-Compiles, alone, the update part of ``han_jax.steps.train_step`` for the default model (``--small``: the small
-preset's): ``make_optimizer(config).update`` (``apply_if_finite`` around ``MultiSteps`` around the AdamW groups),
-``optax.apply_updates`` and the gradient norm, three ways: as han-jax ran it before issue 15's third round (optax
-handed the parameter trees: several small ops per leaf); on one flat vector per group with the trees rebuilt by
-``ravel_pytree``'s static slices (the third round); and as ``train_step`` runs it now, the trees rebuilt by
-``steps.from_optimizer_view``'s run-time-offset slices (the fourth round). Prints the compile time, the number of
-fusions and of distinct fused computations (the kernels XLA:CPU compiles, ``han_jax.testing.compiled_kernels``) of
-each as a markdown table; ``--out`` writes JSON.
+Compiles, alone, the update part of ``han_jax.training.steps.train_step`` for the default model (``--small``: the
+small preset's): ``make_optimizer(spec).update`` (``apply_if_finite`` around ``MultiSteps`` around the AdamW
+groups), ``optax.apply_updates`` and the gradient norm, three ways: optax handed the parameter trees (several small
+ops per leaf); one flat vector per group with the trees rebuilt by ``ravel_pytree``'s static slices; and as
+``train_step`` runs it, the trees rebuilt by ``from_optimizer_view``'s run-time-offset slices. Prints the compile
+time, the number of fusions and of distinct fused computations (the kernels XLA:CPU compiles,
+``han_jax.testing.compiled_kernels``) of each as a markdown table; ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -36,15 +35,16 @@ def main(argv=None) -> dict:
     from jax.flatten_util import ravel_pytree
 
     from han_jax.config import Config, ModelConfig
-    from han_jax.steps import create_train_state, from_optimizer_view, make_optimizer, optimizer_view
     from han_jax.testing import compiled_kernels, random_batch
+    from han_jax.training.spec import StepSpec
+    from han_jax.training.steps import create_train_state, from_optimizer_view, make_optimizer, optimizer_view
 
     model = ModelConfig.small() if args.small else ModelConfig()
-    config = Config(model=model)
+    spec = StepSpec.of(Config(model=model))
     inputs, _ = random_batch(model, b=1, t=60, m=3, seed=0)  # only the parameter shapes matter
-    state = create_train_state(jax.random.PRNGKey(0), config, inputs)
+    state = create_train_state(jax.random.PRNGKey(0), spec, inputs)
     trainable = {"model": state.params, "log_vars": state.log_vars}
-    tx = make_optimizer(config)
+    tx = make_optimizer(spec)
 
     def on_trees(trainable, grads, opt_state):
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, fn, opt_state in (
-            ("parameter trees (second round)", on_trees, tx.init(trainable)),
-            ("flat group vectors, static slices back (third round)", on_flat_groups(static_slices), state.opt_state),
-            ("flat group vectors, run-time-offset slices back (train_step now)",
+            ("parameter trees", on_trees, tx.init(trainable)),
+            ("flat group vectors, static slices back", on_flat_groups(static_slices), state.opt_state),
+            ("flat group vectors, run-time-offset slices back (train_step)",
              on_flat_groups(from_optimizer_view), state.opt_state)):
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(trainable, trainable, opt_state).compile()

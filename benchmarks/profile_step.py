@@ -81,25 +81,29 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
-    from benchmarks.bench_steps import synthetic_batch
+    from benchmarks.bench_steps import schedule, synthetic_batch
     from han_jax.config import Config, ModelConfig, StepConfig
-    from han_jax.precision import Policy
-    from han_jax.steps import create_train_state, jit_steps
+    from han_jax.core.precision import Policy
+    from han_jax.training.devices import SingleDevice
+    from han_jax.training.spec import StepSpec
+    from han_jax.training.steps import create_train_state
 
     model = ModelConfig.small() if args.small else ModelConfig()
-    config = Config(model=model, step=StepConfig(policy=Policy.from_string(args.policy)))
+    spec = StepSpec.of(Config(model=model, step=StepConfig(policy=Policy.from_string(args.policy))))
     inputs, targets = synthetic_batch(model, args.batch, args.days, args.months)
-    state = create_train_state(jax.random.PRNGKey(0), config, inputs)
-    fn = getattr(jit_steps(config), args.step)
+    state = create_train_state(jax.random.PRNGKey(0), spec, inputs, schedule())
+    steps = SingleDevice().steps(spec, schedule())
+    fn = getattr(steps.compiled, args.step)
+    extra = (steps.schedule,) if args.step == "train" else ()
     t0 = time.perf_counter()
-    compiled = fn.lower(state, inputs, targets).compile()
+    compiled = fn.lower(state, inputs, targets, *extra).compile()
     compile_s = time.perf_counter() - t0
     names = op_names(compiled.as_text())
 
     holder = [state]
 
     def call():
-        out = compiled(holder[0], inputs, targets)
+        out = compiled(holder[0], inputs, targets, *extra)
         jax.block_until_ready(out)
         if args.step == "train":
             holder[0] = out[0]  # the state is donated

@@ -4,7 +4,7 @@ Any configuration value can be overridden with ``--set section.field=value``
 (e.g. ``--set model.d_model=64 --set step.optim.learning_rate=3e-4``); the
 common ones also have their own flags.
 
-Every command checks its configuration (``han_jax.validation.validate_config``)
+Every command checks its configuration (``han_jax.app.validation.validate_config``)
 before it builds data or compiles anything. A user error (a bad value, bad data, a
 missing file) is printed as one line, ``han-jax <command>: error: ...``, with exit
 status 2 and no traceback; ``--debug`` (before or after the command) shows it.
@@ -19,13 +19,31 @@ import os
 import sys
 import typing
 
+import jax
 import numpy as np
 
-from han_jax.config import PRESETS
-from han_jax.data.world import DataError
-from han_jax.parallel import DistributedStartError
-from han_jax.runs import RunLocked
-from han_jax.validation import ConfigError, check_batching, check_int, validate_config
+from han_jax.app.evaluate import evaluate_run
+from han_jax.app.predict import predict_run
+from han_jax.app.run_folder import CONFIG_FILE, RunLocked, read_run_config
+from han_jax.app.runs import prepare
+from han_jax.app.torch_import import CheckpointFormatError, CheckpointMismatch, import_run, read_torch_checkpoint
+from han_jax.app.train import train
+from han_jax.app.validation import check_int, validate_config
+from han_jax.config import PRESETS, ConfigError, DataConfig, get_config
+from han_jax.core.precision import Policy
+from han_jax.data import SOURCES, DataError, iterate_batches
+from han_jax.training.checkpoints import CHECKPOINTS
+from han_jax.training.compilation_cache import default_cache_dir, enable_compilation_cache
+from han_jax.training.devices import PARALLEL_KINDS, SingleDevice, check_batch
+from han_jax.training.distributed import (
+    DEFAULT_DISTRIBUTED_TIMEOUT,
+    DistributedStartError,
+    cluster_detected,
+    start_distributed,
+)
+from han_jax.training.schedule import Schedule
+from han_jax.training.spec import StepSpec
+from han_jax.training.steps import create_train_state
 
 
 class CommandError(Exception):
@@ -39,8 +57,6 @@ USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExis
 
 def _coerce(value: str, annotation, current):
     """Parses a command-line string into the type of a config field."""
-    from han_jax.precision import Policy
-
     text = value.strip()
     if isinstance(current, Policy) or annotation is Policy:
         return Policy.from_string(text)
@@ -80,8 +96,6 @@ def apply_overrides(config, overrides):
 
 
 def _set_path(node, parts, value, full):
-    from han_jax.precision import Policy
-
     fields = {f.name: f for f in dataclasses.fields(node)}
     name = parts[0]
     if name not in fields:
@@ -104,12 +118,9 @@ def _set_path(node, parts, value, full):
 def _resumed_config(args):
     """With ``--resume``, the run's saved configuration (None for a new run or a folder without one)."""
     run_dir = getattr(args, "run_dir", None)
-    from han_jax.runs import CONFIG_FILE, read_run_config
-
     if not getattr(args, "resume", False) or not run_dir or not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
         return None
-
-    return read_run_config(run_dir)
+    return read_run_config(run_dir)[0]
 
 
 def build_config(args):
@@ -120,14 +131,12 @@ def build_config(args):
     ``--set``) can differ from it; ``train`` then checks those differences.
     No data is read and no JAX work is done here.
     """
-    from han_jax.config import DataConfig, get_config
-    from han_jax.precision import Policy
-
     saved = _resumed_config(args)
     config = saved if saved is not None else get_config(args.preset)
     if getattr(args, "data", None) == "losses" and not (saved is not None and saved.data.source == "losses"):
-        # Absolute paths: config.json must find the data again from any working directory.
-        losses_dir = os.path.abspath(args.losses_dir) if args.losses_dir else _default_losses_dir()
+        # Absolute paths: config.json must find the data again from any working directory; none: the bundled
+        # snapshot, found on any machine.
+        losses_dir = os.path.abspath(args.losses_dir) if args.losses_dir else None
         monthly_csv_dir = os.path.abspath(args.monthly_csv_dir) if args.monthly_csv_dir else None
         d = config.data
         config = config.replace(data=DataConfig.losses(
@@ -155,7 +164,7 @@ def build_config(args):
 def _common(p):
     p.add_argument("--preset", choices=sorted(PRESETS), default="small",
                    help="small: the README's main job; tiny: tests; default: the original's full-size model and data")
-    p.add_argument("--data", choices=("synthetic", "losses"), default="synthetic",
+    p.add_argument("--data", choices=SOURCES, default="synthetic",
                    help="embedded synthetic world (default) or the real public loss data")
     p.add_argument("--losses-dir", help="directory of russia_losses_*.json (default: the snapshot bundled with "
                                         "han-jax, to 2025-12-31; see README 'Real data')")
@@ -175,8 +184,6 @@ def cmd_train(args) -> int:
         config = _all_devices(config, args)
     else:
         _force_host_devices(config.train.num_devices)
-    from han_jax.train import train
-
     train(config, args.run_dir, resume=args.resume, resume_overrides=overrides, quiet=args.quiet,
           stop_after_epoch=args.stop_after_epoch)
     return 0
@@ -185,29 +192,21 @@ def cmd_train(args) -> int:
 def _start_distributed(args) -> bool:
     """Starts JAX's distributed runtime when asked (the three flags, ``--distributed``, or a multi-task
     SLURM / Open MPI job); True when this is a multi-process run. Nothing else has touched JAX yet."""
-    from han_jax.parallel import cluster_detected, start_distributed
-
     flags = (args.coordinator_address, args.num_processes, args.process_id)
     if all(v is None for v in flags) and not args.distributed and not cluster_detected():
         return False
     start_distributed(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                       process_id=args.process_id, timeout_s=args.distributed_timeout, command="han-jax train")
-    import jax
-
     return jax.process_count() > 1
 
 
 def _all_devices(config, args):
     """A multi-process run shares each step among every device of every process."""
-    import jax
-
     n = jax.device_count()
     if args.devices is not None and args.devices != n:
         raise ConfigError(f"--devices={args.devices}: a run over {jax.process_count()} processes uses all {n} of "
                           f"their devices; expected {n}, or leave --devices out")
-    if config.train.batch_size % n:
-        raise ConfigError(f"train.batch_size={config.train.batch_size}: expected a multiple of the {n} devices of the "
-                          f"{jax.process_count()} processes (each device takes an equal share of a batch)")
+    check_batch(config.train.batch_size, n, devices=f"the {n} devices of the {jax.process_count()} processes")
     return config.replace(train=dataclasses.replace(config.train, num_devices=n))
 
 
@@ -222,25 +221,23 @@ def _resume_overrides(args) -> list:
 
 def cmd_audit(args) -> int:
     """One batch through train_step (dropout off), eval_step and test_step, side by side."""
-    import jax
-
-    from han_jax.data import iterate_batches
-    from han_jax.runs import prepare
-    from han_jax.steps import create_train_state, jit_steps
-
     config = build_config(args)
-    datasets, config = prepare(config)
+    datasets, resolved = prepare(config)
     inputs, targets = next(iterate_batches(datasets.train, config.train.batch_size, shuffle=True,
                                            seed=config.train.seed))
-    state = create_train_state(jax.random.PRNGKey(config.train.seed), config, inputs)
-    steps = jit_steps(config)
-    _, train_m = steps.train_deterministic(state, inputs, targets)
+    spec = StepSpec.of(config, resolved)
+    state = create_train_state(jax.random.PRNGKey(config.train.seed), spec, inputs,
+                               log_var_priors=config.step.log_var_priors)
+    steps = SingleDevice().steps(spec, Schedule.of(config.step.optim, epochs=config.train.epochs,
+                                                   steps_per_epoch=resolved.steps_per_epoch))
+    state = steps.start_epoch(state, 0)
+    _, train_out = steps.train_deterministic(state, inputs, targets)
     eval_m = steps.eval(state, inputs, targets).metrics
     test_m = steps.test(state, inputs, targets).metrics
-    rows = {"train": jax.device_get(train_m), "eval": jax.device_get(eval_m), "test": jax.device_get(test_m)}
+    rows = {"train": jax.device_get(train_out.metrics), "eval": jax.device_get(eval_m), "test": jax.device_get(test_m)}
 
     keys = [k for k in eval_m if np.ndim(eval_m[k]) == 0]
-    print(f"han-jax audit: one batch of {int(np.sum(targets.sample_mask))} rows, policy {config.step.policy.name}")
+    print(f"han-jax audit: one batch of {int(np.sum(targets.sample_mask))} rows, policy {spec.policy.name}")
     print(f"{'metric':30s} {'train_step':>14s} {'eval_step':>14s} {'test_step':>14s}")
     mismatches = []
     for k in keys:
@@ -249,13 +246,14 @@ def cmd_audit(args) -> int:
         if not same:
             mismatches.append(k)
         print(f"{k:30s} " + " ".join(f"{v:14.6f}" for v in vals) + ("" if same else "   <-- DIFFERS"))
-    missing = sorted(set(eval_m) ^ set(test_m)) + sorted(set(eval_m) - set(train_m))
+    missing = sorted(set(eval_m) ^ set(test_m)) + sorted(set(eval_m) - set(train_out.metrics))
     e = {k: float(rows["eval"][k]) for k in keys}
-    tasks = [k.split("/", 1)[1] for k in keys if k.startswith("loss/")]
     print("\nWhy the Kendall total and the plain mean differ (identical in all three phases):")
     print(f"  weighted_total = data_term + uncertainty_term + reg_term = {e['data_term']:.6f} + "
           f"{e['uncertainty_term']:.6f} + {e['reg_term']:.6f} = {e['weighted_total']:.6f}")
-    for t in tasks:
+    for t in spec.objective.weighted:
+        if f"loss/{t}" not in e:
+            continue
         # The aggregate's own numbers: weight = exp(-clipped log_var), and its contribution.
         loss, w, inc, contribution = (e[f"{part}/{t}"] for part in ("loss", "weight", "included", "contribution"))
         print(f"    {t:15s} 0.5 x weight {w:.4f} x raw {loss:9.6f} + 0.5 x log_var {-np.log(w):+.4f} "
@@ -275,20 +273,12 @@ def _force_host_devices(n) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def _default_losses_dir() -> str:
-    """The loss-record snapshot bundled with the package (han_jax/data/bundled/losses): the same files from
-    any clone, install or working directory; ``--losses-dir`` points at newer ones."""
-    from han_jax.data.loss_records import bundled_losses_dir
-
-    return bundled_losses_dir()
-
-
 def _data_overrides(args) -> dict:
     """``DataConfig`` fields that ``evaluate``/``predict`` change from the run's own data flags."""
     overrides = {}
     data = getattr(args, "data", None)  # evaluate has no --data: the run's kind unless --losses-dir is given
     if data == "losses":
-        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir or _default_losses_dir()))
+        overrides.update(source="losses", losses_dir=os.path.abspath(args.losses_dir) if args.losses_dir else None)
     elif data == "synthetic":
         overrides.update(source="synthetic")
     elif args.losses_dir:
@@ -305,10 +295,8 @@ def cmd_evaluate(args) -> int:
     if args.devices is not None:
         check_int("--devices", args.devices)
         if args.batch_size is not None:
-            check_batching(args.batch_size, args.devices, batch_field="--batch-size", devices_field="--devices")
+            check_batch(args.batch_size, args.devices, field="--batch-size", devices=f"--devices={args.devices}")
     _force_host_devices(args.devices)
-    from han_jax.evaluate import evaluate_run
-
     evaluate_run(args.run_dir, checkpoint=args.checkpoint, batch_size=args.batch_size, num_devices=args.devices or 1,
                  parallel=args.parallel or "sharded", data_overrides=_data_overrides(args), out=args.out)
     return 0
@@ -316,9 +304,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     """A saved run's predictions for every anchor in a date range of (new) data, with its saved normalisation."""
-    from han_jax.config import DataConfig
-    from han_jax.predict import predict_run
-
     if args.batch_size is not None:
         check_int("--batch-size", args.batch_size)
     overrides = _data_overrides(args)
@@ -336,8 +321,6 @@ def cmd_predict(args) -> int:
 
 def cmd_import_torch(args) -> int:
     """A run folder from a checkpoint of the original PyTorch trainer."""
-    from han_jax.torch_import import CheckpointFormatError, CheckpointMismatch, import_run, read_torch_checkpoint
-
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"{args.checkpoint}: no such file; expected a .pt written by the original")
     if os.path.exists(os.path.join(args.run_dir, "checkpoints")):
@@ -367,13 +350,11 @@ def _cache_flags(p) -> None:
 def _device_flags(p, note: str = "") -> None:
     p.add_argument("--devices", type=int,
                    help="local devices that share each step (on CPU: host devices; default 1)" + note)
-    p.add_argument("--parallel", choices=("sharded", "pmap"),
+    p.add_argument("--parallel", choices=PARALLEL_KINDS,
                    help="how they share it: jit over a device mesh with the batch sharded (default) or jax.pmap")
 
 
 def _distributed_flags(p) -> None:
-    from han_jax.parallel import DEFAULT_DISTRIBUTED_TIMEOUT
-
     g = p.add_argument_group("several processes (JAX's distributed runtime; see README 'Several devices and hosts')")
     g.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="process 0's address, the same in every process")
@@ -422,7 +403,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("evaluate", help="score a saved run on every split (exact split metrics, baselines, skill)")
     p.add_argument("--run-dir", required=True, help="a folder written by 'han-jax train'")
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best")
     p.add_argument("--batch-size", type=int, help="rows per step (default: the run's); no number depends on it")
     _device_flags(p, note="; no number depends on it")
     p.add_argument("--out", help="write {split: {metric: value}} JSON here")
@@ -431,8 +412,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("predict", help="a saved run's predictions for every anchor in a date range of (new) data")
     p.add_argument("--run-dir", required=True, help="a folder written by 'han-jax train'")
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
-    p.add_argument("--data", choices=("synthetic", "losses"), help="the kind of data (default: the run's)")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best")
+    p.add_argument("--data", choices=SOURCES, help="the kind of data (default: the run's)")
     p.add_argument("--losses-dir", help="directory of russia_losses_*.json (with --data losses: default "
                                         "the snapshot bundled with han-jax)")
     p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")
@@ -461,8 +442,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "compilation_cache"):
-            from han_jax.compilation_cache import default_cache_dir, enable_compilation_cache
-
             enable_compilation_cache(None if args.no_compilation_cache else
                                      os.path.abspath(args.compilation_cache) if args.compilation_cache
                                      else default_cache_dir())

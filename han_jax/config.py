@@ -1,10 +1,15 @@
-"""The one configuration root: frozen sections with the original's defaults, presets, JSON.
+"""The one configuration root: what the user asks for, in frozen sections with the original's defaults.
 
 A run is described by one :class:`Config` tree (``model``, ``data``, ``step``,
 ``train``), the way Flax examples describe theirs in ``configs/default.py``:
 presets are functions that build on each other (:func:`default` ->
 :func:`small` -> :func:`tiny`), and :func:`config_to_dict` /
 :func:`config_from_dict` round-trip a config through ``config.json`` exactly.
+
+A :class:`Config` holds only what the user wrote. What a run derives from its data
+(the model's source layout, the optimiser updates per epoch) is a :class:`Resolved`
+beside it, saved as ``resolved.json``; the compiled steps see neither whole, only the
+part that changes their program (``han_jax.training.spec.StepSpec``).
 
 Every default below is the value the original trainer's ``main()`` uses at
 ML-OSINT commit 75d6392 (``docs/model.md`` section 1, ``docs/data.md``
@@ -14,10 +19,17 @@ section 6), unless its comment says han-jax differs and why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from han_jax.precision import Policy
+from han_jax.core.precision import Policy
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run. The message is one line naming the field, the value and what
+    was expected, so a command can print it as it is."""
+
 
 SourceLayout = Tuple[Tuple[str, int], ...]
 
@@ -40,15 +52,6 @@ MONTHLY_SOURCES: SourceLayout = (
 SMALL_DAILY_SOURCES: SourceLayout = (("personnel", 12), ("drones", 9))
 SMALL_MONTHLY_SOURCES: SourceLayout = (("sentinel", 7), ("hdx_conflict", 5))
 
-TASK_NAMES: Tuple[str, ...] = (
-    "regime",
-    "transition",
-    "casualty",
-    "anomaly",
-    "forecast",
-    "daily_forecast",
-)
-
 N_PHASES = 11
 # 11 operational phases -> 4 coarse regime classes (docs/data.md section 5.1).
 PHASE_TO_COARSE: Tuple[int, ...] = (0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3)
@@ -56,7 +59,12 @@ PHASE_TO_COARSE: Tuple[int, ...] = (0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3)
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of ``MultiResolutionHAN`` (the original's training defaults)."""
+    """Architecture of ``MultiResolutionHAN`` (the original's training defaults).
+
+    ``daily_sources`` / ``monthly_sources`` are the ``(name, n_features)`` blocks the model
+    reads. In a run's :class:`Config` they are None: the layout is the data's
+    (:class:`Resolved`); a layout given there must equal the data's.
+    """
 
     d_model: int = 128
     nhead: int = 8
@@ -83,8 +91,8 @@ class ModelConfig:
     # 21 regime segments (probe on the learnable world: the last week's daily means give
     # val/test balanced accuracy 0.89/0.85, 12 weeks plus the monthly sources 0.49/0.48).
     regime_daily_state: bool = False
-    daily_sources: SourceLayout = DAILY_SOURCES
-    monthly_sources: SourceLayout = MONTHLY_SOURCES
+    daily_sources: Optional[SourceLayout] = DAILY_SOURCES
+    monthly_sources: Optional[SourceLayout] = MONTHLY_SOURCES
     # Hard-coded internals of the original, kept configurable.
     local_window: int = 31  # DailyTemporalEncoder causal window (days, the query included)
     max_daily_len: int = 1500  # sinusoidal / positional tables of the daily modules
@@ -157,7 +165,8 @@ class LossConfig:
 class AggregateConfig:
     """Options of ``aggregate`` (Kendall et al. 2018 uncertainty weighting)."""
 
-    task_names: Tuple[str, ...] = TASK_NAMES
+    # The tasks the total weighs (each gets a log-variance); None: every task of the registry (han_jax.tasks).
+    task_names: Optional[Tuple[str, ...]] = None
     strategy: str = "kendall"  # "kendall" | "equal"
     log_var_clip: float = 2.0
     max_task_loss: float = 1e6
@@ -168,6 +177,11 @@ class AggregateConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup-cosine, clipping and accumulation (the original's values).
+
+    The learning-rate curve (``learning_rate``, ``warmup_epochs``, ``min_lr``,
+    ``warmup_start_factor``, and ``TrainConfig.epochs`` as its length) is a run-time value
+    of the compiled steps (``han_jax.training.schedule.Schedule``): changing it recompiles
+    nothing. The other fields shape the update itself.
 
     ``log_var_lr_multiplier``: the original adds the log-variances as their own
     AdamW group at 10x the learning rate, but its ``WarmupCosineScheduler``
@@ -181,8 +195,7 @@ class OptimConfig:
     warmup_epochs: int = 10  # the schedule's length is TrainConfig.epochs
     min_lr: float = 1e-6
     warmup_start_factor: float = 0.01  # warmup starts at learning_rate * 0.01
-    schedule_unit: str = "epoch"  # "epoch" (as the original) or "step"
-    steps_per_epoch: int = 20  # optimiser updates per epoch ("step" unit only); set from the data by train.prepare
+    schedule_unit: str = "epoch"  # "epoch" (as the original) or "step" (optimiser updates, Resolved.steps_per_epoch)
     max_grad_norm: float = 1.0  # on model parameters only, as clip_grad_norm_(model.parameters())
     accumulation_steps: int = 4
     log_var_lr_multiplier: float = 10.0
@@ -236,7 +249,7 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic" | "losses"
     mode: str = "learnable"  # synthetic: "learnable" | "realistic"
     preset: str = "default"  # synthetic: "default" | "small"
-    losses_dir: Optional[str] = None  # DataConfig.losses() defaults it to the snapshot bundled with han-jax
+    losses_dir: Optional[str] = None  # real data: None reads the snapshot bundled with han-jax
     monthly_csv_dir: Optional[str] = None
     # Real data: what to do with a loss-record value that is not finite, negative or above the
     # plausibility ceiling (han_jax/data/loss_records.py): "error" (stop, naming file, field, date
@@ -291,12 +304,9 @@ class DataConfig:
                **overrides) -> "DataConfig":
         """Real loss data; the monthly layout is whatever the data provides; daily counts log1p-transformed.
 
-        ``losses_dir`` None: the snapshot bundled with the package, so this works from any directory.
+        ``losses_dir`` None: the snapshot bundled with the package (``han_jax.data.make_world`` finds it),
+        so this works from any directory and a ``config.json`` that says None works on any machine.
         """
-        if losses_dir is None:
-            from han_jax.data.loss_records import bundled_losses_dir  # lazy: han_jax.data imports this module
-
-            losses_dir = bundled_losses_dir()
         base = dict(
             source="losses",
             losses_dir=losses_dir,
@@ -338,7 +348,7 @@ class TrainConfig:
     batch_size: int = 8
     patience: int = 30
     seed: int = 42
-    # Devices that share each step (a multi-process run: every device of every process); see han_jax.parallel.
+    # Devices that share each step (a multi-process run: every device of every process); see han_jax.training.devices.
     num_devices: int = 1
     # How num_devices > 1 share a step: "sharded" (jit over a Mesh, NamedSharding; the default) or "pmap".
     parallel: str = "sharded"
@@ -350,10 +360,11 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole run: one frozen, hashable tree.
+    """The whole run as the user asked for it: one frozen, hashable tree.
 
-    It is the static argument of every jitted step (``han_jax.steps``), is
-    printed at the start of a run and saved as its ``config.json``.
+    Printed at the start of a run and saved as its ``config.json``. The compiled steps
+    are keyed by the part of it that changes their program
+    (``han_jax.training.spec.StepSpec``), not by the whole tree.
     """
 
     model: ModelConfig = ModelConfig()
@@ -365,6 +376,36 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What a run derived from its data: saved beside ``config.json`` as ``resolved.json``.
+
+    Attributes:
+      daily_sources, monthly_sources: the ``(name, n_features)`` blocks of the data, in the
+        order the model reads them (the model's source layout).
+      steps_per_epoch: optimiser updates per epoch (train batches // accumulation steps, at
+        least 1): the unit of a ``"step"`` learning-rate schedule.
+    """
+
+    daily_sources: SourceLayout
+    monthly_sources: SourceLayout
+    steps_per_epoch: int = 1
+
+    def model(self, model: ModelConfig) -> ModelConfig:
+        """``model`` with this data's source layout: the architecture the steps build.
+
+        Raises:
+          ConfigError: ``model`` names a layout of its own that is not the data's.
+        """
+        for name in ("daily_sources", "monthly_sources"):
+            given, data = getattr(model, name), getattr(self, name)
+            if given is not None and tuple(given) != tuple(data):
+                raise ConfigError(f"model.{name}={_json_text(given)}: expected the data's layout {_json_text(data)} "
+                                  "(or none: the model takes the data's)")
+        return dataclasses.replace(model, daily_sources=tuple(self.daily_sources),
+                                   monthly_sources=tuple(self.monthly_sources))
+
+
 # ---------------------------------------------------------------------------
 # Presets: each builds on the one before.
 # ---------------------------------------------------------------------------
@@ -372,7 +413,8 @@ class Config:
 
 def default() -> Config:
     """The original's full-size model (8,192,006 parameters) and data (365-day / 12-month windows)."""
-    return Config()
+    # The model's source layout comes from the data (Resolved).
+    return Config(model=ModelConfig(daily_sources=None, monthly_sources=None))
 
 
 def small() -> Config:
@@ -381,7 +423,8 @@ def small() -> Config:
     return base.replace(
         # The source layout is taken from the data. The residual forecast is han-jax's
         # option (ModelConfig.forecast_residual); the default preset keeps the original.
-        model=ModelConfig.small(forecast_residual=True, regime_daily_state=True),
+        model=ModelConfig.small(forecast_residual=True, regime_daily_state=True, daily_sources=None,
+                                monthly_sources=None),
         data=dataclasses.replace(base.data, daily_seq_len=90, monthly_seq_len=4),
         step=dataclasses.replace(
             base.step,
@@ -423,6 +466,10 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_to_json(v) for v in value]
     return value
+
+
+def _json_text(value) -> str:
+    return json.dumps(_to_json(value))
 
 
 def config_to_dict(config) -> dict:

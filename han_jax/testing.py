@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from han_jax.batch import Inputs, Targets
 from han_jax.config import ModelConfig
+from han_jax.core.batch import Inputs, Targets
 
 
 def month_boundaries(b: int, t: int, m: int) -> np.ndarray:
@@ -87,3 +87,19 @@ def compiled_kernels(hlo_text: str, op_name: str = "") -> tuple[int, int]:
         if fusion and op_name in (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]:
             callees["\n".join(bodies[fusion.group(1)])] += 1
     return sum(callees.values()), len(callees)
+
+
+def hlo_counts(hlo_text: str) -> dict:
+    """Size of a compiled module (``compiled.as_text()``): instructions, computations, fusions, distinct kernels.
+
+    An instruction is a line defining a value inside a computation (``%name = ...``); XLA's
+    passes, its thunk emission and a stored executable's load all scale with their number.
+    """
+    instructions = computations = 0
+    for line in hlo_text.splitlines():
+        if re.match(r"^\s+(ROOT )?%?[\w.\-]+ = ", line):
+            instructions += 1
+        elif re.match(r"^%?[\w.\-]+ .*\{\s*$", line) and not line.startswith(" "):
+            computations += 1
+    fusions, kernels = compiled_kernels(hlo_text)
+    return {"instructions": instructions, "computations": computations, "fusions": fusions, "kernels": kernels}

@@ -1,4 +1,4 @@
-"""Naive baselines and skill scores (han_jax.baselines): hand-computed tiny cases and the real pipeline."""
+"""Each task's naive baselines and skill (han_jax/tasks): hand-computed tiny cases and the real pipeline."""
 
 import dataclasses
 import math
@@ -8,13 +8,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from han_jax import baselines as bl
-from han_jax.batch import Targets
-from han_jax.config import PHASE_TO_COARSE
+from han_jax import tasks
+from han_jax.app.evaluate import split_targets, with_baselines
+from han_jax.config import PHASE_TO_COARSE, LossConfig, ModelConfig
+from han_jax.core.batch import Targets
+from han_jax.tasks.forecast import next_month_elements
+from han_jax.tasks.regime import balanced_accuracy, regime_labels
 
 K = 4  # coarse regime classes
 P2C = PHASE_TO_COARSE  # (0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3)
 SOURCES = (("a", 2), ("b", 1))  # forecast columns: a = 0..1, b = 2
+LOSS = LossConfig()
+TASKS = tasks.tasks()
+SCORED = ("regime", "transition", "casualty", "anomaly", "forecast")  # the tasks with a baseline and a skill
+
+
+def model(sources=SOURCES):
+    return ModelConfig(n_regime_classes=K, monthly_sources=sources)
 
 
 def targets(n, *, phase=None, phase_valid=None, transition=None, fatalities=None, casualty_valid=None,
@@ -37,11 +47,27 @@ def targets(n, *, phase=None, phase_valid=None, transition=None, fatalities=None
 
 
 def fit(t):
-    return bl.fit_baselines(t, n_regime_classes=K, phase_to_coarse=P2C)
+    """``{task: fitted baseline}``, every task fitted on ``t`` alone."""
+    return {task.name: task.fit_baseline(t, model(), LOSS) for task in TASKS}
+
+
+def fitted(regime=None, transition=None, casualty=None, forecast=None):
+    return {"regime": regime, "transition": transition, "casualty": casualty, "anomaly": 0.0, "forecast": forecast,
+            "daily_forecast": None}
 
 
 def score(b, t, sources=SOURCES):
-    return bl.baseline_metrics(b, t, n_regime_classes=K, phase_to_coarse=P2C, forecast_sources=sources)
+    out = {}
+    for task in TASKS:
+        out.update(task.baseline_metrics(b[task.name], t, model(sources), LOSS))
+    return out
+
+
+def skill(metrics):
+    out = {}
+    for task in TASKS:
+        out.update(task.skill(metrics))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -54,17 +80,17 @@ def test_regime_majority_ignores_invalid_and_padding_rows():
     # row and the padding rows hold class 3 and would otherwise win.
     t = targets(8, phase=[3, 4, 0, 5, 9, 9, 9, 9], phase_valid=[1, 1, 1, 1, 1, 0, 1, 1],
                 sample_mask=[1, 1, 1, 1, 1, 1, 0, 0])
-    assert fit(t).regime_majority == 1
+    assert fit(t)["regime"] == 1
 
 
 def test_regime_majority_tie_goes_to_lowest_class():
     # coarse 2, 2, 1, 1, 3: classes 1 and 2 tie.
-    assert fit(targets(5, phase=[5, 6, 3, 4, 8])).regime_majority == 1
-    assert fit(targets(2, phase=[10, 0])).regime_majority == 0
+    assert fit(targets(5, phase=[5, 6, 3, 4, 8]))["regime"] == 1
+    assert fit(targets(2, phase=[10, 0]))["regime"] == 0
 
 
 def test_regime_accuracy_and_balanced_accuracy():
-    b = bl.Baselines(1, None, None, None)
+    b = fitted(regime=1)
     # val coarse classes: 1, 1, 0, 3 (+ an invalid 0 and a padding 0): accuracy 2/4,
     # recall 1 for class 1, 0 for classes 0 and 3 -> balanced 1/3.
     t = targets(6, phase=[3, 4, 0, 9, 0, 0], phase_valid=[1, 1, 1, 1, 0, 1], sample_mask=[1, 1, 1, 1, 1, 0])
@@ -74,17 +100,15 @@ def test_regime_accuracy_and_balanced_accuracy():
 
 
 def test_regime_majority_absent_from_split_scores_zero_not_none():
-    b = bl.Baselines(1, None, None, None)
+    b = fitted(regime=1)
     m = score(b, targets(3, phase=[0, 5, 9]))  # coarse 0, 2, 3
     assert m["baseline/regime_accuracy"] == 0.0
     assert m["baseline/regime_balanced_accuracy"] == 0.0
 
 
 def test_regime_balanced_accuracy_matches_the_model_definition():
-    from han_jax.metrics import balanced_accuracy
-
     labels = np.array([1, 1, 0, 3, 3, 3])
-    b = bl.Baselines(3, None, None, None)
+    b = fitted(regime=3)
     m = score(b, targets(6, phase=[3, 4, 0, 9, 10, 8]))
     count = np.bincount(labels, minlength=K).astype(np.float64)
     correct = np.where(np.arange(K) == 3, count, 0.0)  # the constant predictor recalls its own class only
@@ -94,12 +118,12 @@ def test_regime_balanced_accuracy_matches_the_model_definition():
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(-2, 13), min_size=1, max_size=20), st.sampled_from([2, 4, 11]))
-def test_regime_labels_np_matches_losses(phases, n_classes):
-    from han_jax.losses import regime_labels
+def test_regime_labels_are_the_same_on_the_host_and_in_a_step(phases, n_classes):
+    import jax.numpy as jnp
 
     phase = np.asarray(phases, np.int32)
-    want = np.asarray(regime_labels(phase, n_classes, P2C))
-    np.testing.assert_array_equal(bl.regime_labels_np(phase, n_classes, P2C), want)
+    want = np.asarray(regime_labels(jnp.asarray(phase), n_classes, P2C))
+    np.testing.assert_array_equal(regime_labels(phase, n_classes, P2C), want)
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +135,7 @@ def test_transition_rate_and_bce():
     # valid real rows: 1 of 4 is a transition; the invalid and the padding transitions do not count.
     train = targets(6, transition=[1, 0, 0, 0, 1, 1], phase_valid=[1, 1, 1, 1, 0, 1], sample_mask=[1, 1, 1, 1, 1, 0])
     b = fit(train)
-    assert b.transition_rate == pytest.approx(0.25)
+    assert b["transition"] == pytest.approx(0.25)
     val = targets(3, transition=[1, 0, 1], phase_valid=[1, 1, 0])
     want = -(math.log(0.25) + math.log(0.75)) / 2
     assert score(b, val)["baseline/transition_bce"] == pytest.approx(want, rel=1e-12)
@@ -119,7 +143,7 @@ def test_transition_rate_and_bce():
 
 def test_transition_bce_clips_the_probability():
     b = fit(targets(3, transition=[0, 0, 0]))
-    assert b.transition_rate == 0.0
+    assert b["transition"] == 0.0
     bce = score(b, targets(2, transition=[1, 0]))["baseline/transition_bce"]
     assert bce == pytest.approx((-math.log(1e-7) - math.log1p(-1e-7)) / 2)
     assert math.isfinite(bce)
@@ -129,14 +153,14 @@ def test_casualty_mean_and_mae():
     train = targets(5, fatalities=[10, 20, 60, 1000, 5000], casualty_valid=[1, 1, 1, 0, 1],
                     sample_mask=[1, 1, 1, 1, 0])
     b = fit(train)
-    assert b.casualty_mean == pytest.approx(30.0)
+    assert b["casualty"] == pytest.approx(30.0)
     val = targets(4, fatalities=[0, 30, 100, 7], casualty_valid=[1, 1, 1, 0])
     assert score(b, val)["baseline/casualty_mae"] == pytest.approx((30 + 0 + 70) / 3)
 
 
 def test_anomaly_mse_of_a_zero_score():
     val = targets(4, anomaly=[1, -2, 3, 5], anomaly_valid=[1, 1, 0, 1], sample_mask=[1, 1, 1, 0])
-    assert score(bl.Baselines(None, None, None, None), val)["baseline/anomaly_mse"] == pytest.approx(2.5)
+    assert score(fitted(), val)["baseline/anomaly_mse"] == pytest.approx(2.5)
 
 
 # ---------------------------------------------------------------------------
@@ -145,7 +169,8 @@ def test_anomaly_mse_of_a_zero_score():
 
 
 def forecast_train():
-    """Last month position: f0 = 1, 3 -> 2; f1 = 4 (row 1 masked) -> 4; f2 never valid -> NaN.
+    """Last month position: f0 = 1, 3 -> 2; f1 = 4 (row 1 masked) -> 4; f2 never valid -> 0, the normalisation's
+    value for a feature without train data.
 
     The padding row (row 2) has valid masks and would change every mean.
     """
@@ -159,7 +184,7 @@ def forecast_train():
 
 
 def forecast_val():
-    """E = {(0, 0), (0, 1), (1, 1)}: f2 has no climatology, (1, 0) misses M-2, row 2 is padding."""
+    """E = {(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)}: (1, 0) misses M-2, row 2 is padding."""
     ft = np.zeros((3, 3, 3))
     ft[:, 0] = 77.0  # position M-3 is never read
     ft[:, 1] = [[1, 2, 5], [9, 3, 0], [0, 0, 0]]  # M-2: "this month"
@@ -171,48 +196,46 @@ def forecast_val():
 
 
 def test_forecast_climatology():
-    clim = fit(forecast_train()).forecast_climatology
-    np.testing.assert_array_equal(clim[:2], [2.0, 4.0])
-    assert np.isnan(clim[2])
+    clim = fit(forecast_train())["forecast"]
+    np.testing.assert_array_equal(clim, [2.0, 4.0, 0.0])
     assert clim.dtype == np.float64
     assert not clim.flags.writeable
 
 
 def test_forecast_next_elements():
-    b = fit(forecast_train())
-    e = bl.forecast_next_elements(forecast_val(), b.forecast_climatology)
-    np.testing.assert_array_equal(e, [[1, 1, 0], [0, 1, 0], [0, 0, 0]])
-    # Masks that differ between M-1 and M-2 in the other direction drop the element too.
     t = forecast_val()
+    e = next_month_elements(t.forecast_masks, t.sample_mask)
+    np.testing.assert_array_equal(e, [[1, 1, 1], [0, 1, 1], [0, 0, 0]])
+    # Masks that differ between M-1 and M-2 in the other direction drop the element too.
     fm = np.asarray(t.forecast_masks).copy()
     fm[0, 2, 1] = False
-    e2 = bl.forecast_next_elements(dataclasses.replace(t, forecast_masks=fm), b.forecast_climatology)
-    np.testing.assert_array_equal(e2, [[1, 0, 0], [0, 1, 0], [0, 0, 0]])
-    assert bl.forecast_next_elements(t, None).sum() == 0
+    np.testing.assert_array_equal(next_month_elements(fm, t.sample_mask), [[1, 0, 1], [0, 1, 1], [0, 0, 0]])
+    # One definition for the host and the step: the jax arrays give the same set.
+    import jax.numpy as jnp
+
+    np.testing.assert_array_equal(np.asarray(next_month_elements(jnp.asarray(fm), jnp.asarray(t.sample_mask))),
+                                  next_month_elements(fm, t.sample_mask))
     with pytest.raises(ValueError, match="climatology"):
-        bl.forecast_next_elements(t, np.zeros(2))
+        score({**fit(forecast_train()), "forecast": np.zeros(2)}, t)
 
 
 def test_forecast_persistence_and_climatology_mse():
     m = score(fit(forecast_train()), forecast_val())
-    # persistence errors: (1-2)^2, (2-6)^2, (3-1)^2; climatology [2, 4]: (2-2)^2, (4-6)^2, (4-1)^2
-    assert m["baseline/forecast_persistence_mse"] == pytest.approx(21 / 3)
-    assert m["baseline/forecast_climatology_mse"] == pytest.approx(13 / 3)
-    assert m["n/forecast_next"] == 3
+    # persistence errors: (1-2)^2, (2-6)^2, (5-7)^2, (3-1)^2, (0-0)^2; climatology [2, 4, 0]: 0, 4, 49, 9, 0
+    assert m["baseline/forecast_persistence_mse"] == pytest.approx(25 / 5)
+    assert m["baseline/forecast_climatology_mse"] == pytest.approx(62 / 5)
     assert m["baseline/forecast_persistence_mse/a"] == pytest.approx(21 / 3)
     assert m["baseline/forecast_climatology_mse/a"] == pytest.approx(13 / 3)
-    assert m["n/forecast_next/a"] == 3
-    # Source b's only feature has no train climatology: left out for every forecaster.
-    assert m["baseline/forecast_persistence_mse/b"] is None
-    assert m["baseline/forecast_climatology_mse/b"] is None
-    assert m["n/forecast_next/b"] == 0
+    # Source b's feature has no train data: its climatology is 0, scored on the same elements as persistence.
+    assert m["baseline/forecast_persistence_mse/b"] == pytest.approx(4 / 2)
+    assert m["baseline/forecast_climatology_mse/b"] == pytest.approx(49 / 2)
+    assert not any(k.startswith("n/") for k in m)  # every count beside the baselines is the model's
 
 
 def test_forecast_sources_may_cover_the_first_columns_only():
     m = score(fit(forecast_train()), forecast_val(), sources=(("a", 1),))
     assert m["baseline/forecast_persistence_mse"] == pytest.approx(1.0)  # only (0, 0)
     assert m["baseline/forecast_climatology_mse"] == 0.0
-    assert m["n/forecast_next"] == m["n/forecast_next/a"] == 1
     with pytest.raises(ValueError, match="columns"):
         score(fit(forecast_train()), forecast_val(), sources=(("a", 2), ("b", 2)))
 
@@ -220,20 +243,18 @@ def test_forecast_sources_may_cover_the_first_columns_only():
 def test_forecast_with_a_single_month_is_none():
     t = targets(2, ft=np.ones((2, 1, 3)))
     b = fit(t)
-    np.testing.assert_array_equal(b.forecast_climatology, [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(b["forecast"], [1.0, 1.0, 1.0])
     m = score(b, t)
     forecast = {k: v for k, v in m.items() if "forecast" in k}
-    assert forecast and all(v is None for k, v in forecast.items() if k.startswith("baseline/"))
-    assert m["n/forecast_next"] == 0
+    assert forecast and all(v is None for v in forecast.values())
 
 
 def test_no_forecast_targets_at_all():
     t = dataclasses.replace(targets(2), forecast_targets=None, forecast_masks=None)
     b = fit(t)
-    assert b.forecast_climatology is None
-    assert bl.forecast_next_elements(t, None) is None
+    assert b["forecast"] is None
     m = score(b, t)
-    assert m["baseline/forecast_persistence_mse"] is None and m["n/forecast_next/a"] == 0
+    assert m["baseline/forecast_persistence_mse"] is None and m["baseline/forecast_climatology_mse/a"] is None
 
 
 # ---------------------------------------------------------------------------
@@ -245,22 +266,22 @@ def test_no_valid_rows_gives_none_everywhere():
     t = targets(3, phase=[3, 3, 3], transition=[1, 0, 1], fatalities=[5, 5, 5], anomaly=[1, 1, 1],
                 ft=np.ones((3, 3, 3)), sample_mask=[0, 0, 0])
     b = fit(t)
-    assert b.regime_majority is None and b.transition_rate is None and b.casualty_mean is None
-    assert np.isnan(b.forecast_climatology).all()
+    assert b["regime"] is None and b["transition"] is None and b["casualty"] is None
+    np.testing.assert_array_equal(b["forecast"], 0.0)
     m = score(fit(forecast_train()), t)  # fitted baselines, but a split of padding only
+    assert all(value is None for value in m.values()), m
+    m = score(fitted(), targets(3, phase=[3, 3, 3]))  # valid rows, but nothing fitted
     for key, value in m.items():
-        assert (value == 0) if key.startswith("n/") else (value is None), key
-    m = score(b, targets(3, phase=[3, 3, 3]))  # valid rows, but nothing fitted
-    for key, value in m.items():
-        if key != "baseline/anomaly_mse" and not key.startswith("n/"):
+        if key not in ("baseline/anomaly_mse", "baseline/forecast_persistence_mse",
+                       "baseline/forecast_persistence_mse/a", "baseline/forecast_persistence_mse/b"):
             assert value is None, key
 
 
 def test_per_task_flags_without_valid_rows():
     t = targets(2, phase_valid=[0, 0], casualty_valid=[0, 0], anomaly_valid=[0, 0])
     b = fit(t)
-    assert b.regime_majority is None and b.transition_rate is None and b.casualty_mean is None
-    m = score(bl.Baselines(0, 0.5, 1.0, None), t)
+    assert b["regime"] is None and b["transition"] is None and b["casualty"] is None
+    m = score(fitted(regime=0, transition=0.5, casualty=1.0), t)
     for key in ("regime_accuracy", "regime_balanced_accuracy", "transition_bce", "casualty_mae", "anomaly_mse"):
         assert m[f"baseline/{key}"] is None, key
 
@@ -270,16 +291,15 @@ def test_fitting_uses_only_the_train_targets():
     train = dataclasses.replace(train, forecast_targets=forecast_train().forecast_targets[[0, 1, 0, 1]],
                                 forecast_masks=forecast_train().forecast_masks[[0, 1, 0, 1]])
     b = fit(train)
-    snapshot = fit(train)
     val_a = forecast_val()
     val_b = dataclasses.replace(
         forecast_val(), phase_index=np.full(3, 9, np.int32), fatalities=np.full(3, 1e6, np.float32),
         forecast_targets=np.asarray(val_a.forecast_targets) * -5.0)
     m_a, m_b = score(b, val_a), score(b, val_b)
     assert m_a != m_b  # the validation targets change the scores ...
-    assert b == snapshot  # ... never the fitted baselines
-    assert fit(train) == snapshot
-    assert b != dataclasses.replace(snapshot, casualty_mean=0.0)
+    again = fit(train)  # ... never the fitted baselines
+    assert {k: v for k, v in b.items() if k != "forecast"} == {k: v for k, v in again.items() if k != "forecast"}
+    np.testing.assert_array_equal(b["forecast"], again["forecast"])
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +325,7 @@ def base_metrics(**over):
 
 
 def test_skill_formulas():
-    s = bl.skill(base_metrics())
+    s = skill(base_metrics())
     assert s["skill/regime"] == pytest.approx(1 - 0.25 / 0.5)
     assert s["skill/transition"] == pytest.approx(0.5)
     assert s["skill/casualty"] == pytest.approx(0.5)
@@ -313,37 +333,37 @@ def test_skill_formulas():
     assert s["skill/forecast"] == pytest.approx(1 - 3 / (13 / 3))  # the better baseline: climatology
     assert s["skill/forecast/a"] == pytest.approx(0.5)  # the better baseline: persistence
     assert s["skill/forecast/b"] is None
-    assert set(s) == {f"skill/{t}" for t in bl.TASKS} | {"skill/forecast/a", "skill/forecast/b"}
+    assert set(s) == {f"skill/{t}" for t in SCORED} | {"skill/forecast/a", "skill/forecast/b"}
 
 
 def test_skill_none_propagation():
-    s = bl.skill({})
-    assert set(s) == {f"skill/{t}" for t in bl.TASKS} and all(v is None for v in s.values())
-    assert bl.skill(base_metrics(casualty_mae=None))["skill/casualty"] is None
-    assert bl.skill(base_metrics(**{"baseline/anomaly_mse": None}))["skill/anomaly"] is None
-    assert bl.skill(base_metrics(**{"baseline/forecast_persistence_mse": None}))["skill/forecast"] is None
-    assert bl.skill(base_metrics(anomaly_mse=float("nan")))["skill/anomaly"] is None
-    assert bl.skill(base_metrics(**{"baseline/casualty_mae": float("inf")}))["skill/casualty"] is None
+    s = skill({})
+    assert set(s) == {f"skill/{t}" for t in SCORED} and all(v is None for v in s.values())
+    assert skill(base_metrics(casualty_mae=None))["skill/casualty"] is None
+    assert skill(base_metrics(**{"baseline/anomaly_mse": None}))["skill/anomaly"] is None
+    assert skill(base_metrics(**{"baseline/forecast_persistence_mse": None}))["skill/forecast"] is None
+    assert skill(base_metrics(anomaly_mse=float("nan")))["skill/anomaly"] is None
+    assert skill(base_metrics(**{"baseline/casualty_mae": float("inf")}))["skill/casualty"] is None
     m = base_metrics()
     del m["n/transition"]
-    assert bl.skill(m)["skill/transition"] is None
-    assert bl.skill(base_metrics(**{"n/transition": 0.0}))["skill/transition"] is None
+    assert skill(m)["skill/transition"] is None
+    assert skill(base_metrics(**{"n/transition": 0.0}))["skill/transition"] is None
     # a source the model reports but the baselines do not
-    assert bl.skill(base_metrics(**{"forecast_next_mse/c": 1.0}))["skill/forecast/c"] is None
+    assert skill(base_metrics(**{"forecast_next_mse/c": 1.0}))["skill/forecast/c"] is None
 
 
 def test_skill_with_a_zero_baseline_error_is_none():
-    assert bl.skill(base_metrics(**{"baseline/casualty_mae": 0.0}))["skill/casualty"] is None
+    assert skill(base_metrics(**{"baseline/casualty_mae": 0.0}))["skill/casualty"] is None
     # one regime class present: the majority baseline is perfect (balanced accuracy 1)
-    assert bl.skill(base_metrics(**{"baseline/regime_balanced_accuracy": 1.0}))["skill/regime"] is None
-    assert bl.skill(base_metrics(**{"baseline/forecast_climatology_mse": 0.0}))["skill/forecast"] is None
+    assert skill(base_metrics(**{"baseline/regime_balanced_accuracy": 1.0}))["skill/regime"] is None
+    assert skill(base_metrics(**{"baseline/forecast_climatology_mse": 0.0}))["skill/forecast"] is None
 
 
 def test_perfect_model_has_skill_one_and_the_best_baseline_zero():
-    perfect = bl.skill(base_metrics(regime_balanced_accuracy=1.0, casualty_mae=0.0, anomaly_mse=0.0,
+    perfect = skill(base_metrics(regime_balanced_accuracy=1.0, casualty_mae=0.0, anomaly_mse=0.0,
                                     forecast_next_mse=0.0, **{"loss/transition": 0.0, "forecast_next_mse/a": 0.0}))
     assert all(v == 1.0 for k, v in perfect.items() if k != "skill/forecast/b")
-    same = bl.skill(base_metrics(regime_balanced_accuracy=0.5, casualty_mae=10.0, anomaly_mse=1.0,
+    same = skill(base_metrics(regime_balanced_accuracy=0.5, casualty_mae=10.0, anomaly_mse=1.0,
                                  forecast_next_mse=13 / 3, **{"loss/transition": 0.6, "forecast_next_mse/a": 2.0}))
     assert all(v == 0.0 for k, v in same.items() if k != "skill/forecast/b")
 
@@ -351,7 +371,7 @@ def test_perfect_model_has_skill_one_and_the_best_baseline_zero():
 @settings(max_examples=50, deadline=None)
 @given(st.floats(0, 1e6), st.floats(1e-6, 1e6), st.floats(1e-6, 1e6))
 def test_skill_score_is_against_the_best_baseline(model, base1, base2):
-    s = bl.skill_score(model, [base1, base2])
+    s = tasks.skill_score(model, [base1, base2])
     assert s == pytest.approx(1 - model / min(base1, base2))
     assert s <= 1.0
 
@@ -370,51 +390,50 @@ def small_datasets():
 
 
 def test_real_pipeline_baselines_are_finite_or_none(small_datasets):
-    from han_jax.data import iterate_batches
-
     ds = small_datasets
-    train = bl.split_targets(ds.train)
+    train = split_targets(ds.train)
     assert np.asarray(train.sample_mask).all() and len(train.sample_mask) == len(ds.train)
     b = fit(train)
     sources = tuple(ds.monthly_sources) + tuple(ds.daily_sources)
-    _, val = next(iterate_batches(ds.val, len(ds.val)))
-    m = bl.baseline_metrics(b, val, n_regime_classes=K, phase_to_coarse=P2C, forecast_sources=sources)
+    val = split_targets(ds.val)
+    m = score(b, val, sources)
     expected = {"baseline/regime_accuracy", "baseline/regime_balanced_accuracy", "baseline/transition_bce",
                 "baseline/casualty_mae", "baseline/anomaly_mse", "baseline/forecast_persistence_mse",
-                "baseline/forecast_climatology_mse", "n/forecast_next"}
+                "baseline/forecast_climatology_mse"}
     for name, _ in sources:
-        expected |= {f"baseline/forecast_persistence_mse/{name}", f"baseline/forecast_climatology_mse/{name}",
-                     f"n/forecast_next/{name}"}
+        expected |= {f"baseline/forecast_persistence_mse/{name}", f"baseline/forecast_climatology_mse/{name}"}
     assert set(m) == expected
     for key, value in m.items():
         assert value is None or (isinstance(value, float) and math.isfinite(value)), (key, value)
-    assert m["n/forecast_next"] == sum(m[f"n/forecast_next/{name}"] for name, _ in sources)
-    assert m["n/forecast_next"] > 0
 
-    # A "model" following the contract of forecast_next_elements: predicting persistence
-    # reproduces the persistence baseline; predicting the truth is perfect.
-    e = bl.forecast_next_elements(val, b.forecast_climatology)
+    # A "model" following next_month_elements: predicting persistence reproduces the persistence
+    # baseline; predicting the truth is perfect.
+    e = next_month_elements(val.forecast_masks, val.sample_mask)
+    assert e.sum() > 0
     y = np.asarray(val.forecast_targets, np.float64)
     persistence_mse = float(np.sum(np.where(e, (y[:, -2] - y[:, -1]) ** 2, 0.0)) / e.sum())
     assert persistence_mse == pytest.approx(m["baseline/forecast_persistence_mse"])
     best = min(m["baseline/forecast_persistence_mse"], m["baseline/forecast_climatology_mse"])
-    s = bl.skill({**m, "forecast_next_mse": best})
+    s = skill({**m, "forecast_next_mse": best})
     assert s["skill/forecast"] == pytest.approx(0.0)
-    assert bl.skill({**m, "forecast_next_mse": 0.0})["skill/forecast"] == 1.0
+    assert skill({**m, "forecast_next_mse": 0.0})["skill/forecast"] == 1.0
     for value in s.values():
         assert value is None or math.isfinite(value)
 
 
 def test_real_pipeline_fit_ignores_the_other_splits(small_datasets):
     ds = small_datasets
-    b = fit(bl.split_targets(ds.train))
-    val = bl.split_targets(ds.val)
+    b = fit(split_targets(ds.train))
+    val = split_targets(ds.val)
     shifted = dataclasses.replace(val, fatalities=np.asarray(val.fatalities) + 1e4,
                                   forecast_targets=np.asarray(val.forecast_targets) + 3.0)
     sources = tuple(ds.monthly_sources)  # the columns the model's forecast head predicts
-    m1 = bl.baseline_metrics(b, val, n_regime_classes=K, phase_to_coarse=P2C, forecast_sources=sources)
-    m2 = bl.baseline_metrics(b, shifted, n_regime_classes=K, phase_to_coarse=P2C, forecast_sources=sources)
-    assert b == fit(bl.split_targets(ds.train))
-    assert m1["n/forecast_next"] == m2["n/forecast_next"]
+    m1, m2 = score(b, val, sources), score(b, shifted, sources)
+    np.testing.assert_array_equal(b["forecast"], fit(split_targets(ds.train))["forecast"])
     if m1["baseline/casualty_mae"] is not None:
         assert m1["baseline/casualty_mae"] != m2["baseline/casualty_mae"]
+
+
+def test_baselines_never_replace_the_model_s_numbers():
+    with pytest.raises(ValueError, match="would replace the model's"):
+        with_baselines({"n/forecast_next": 3.0}, {"n/forecast_next": 2.0}, TASKS)

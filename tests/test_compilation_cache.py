@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from han_jax.compilation_cache import ENV, default_cache_dir, enable_compilation_cache
+from han_jax.training.compilation_cache import ENV, default_cache_dir, enable_compilation_cache
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
@@ -28,7 +28,7 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 def test_off_leaves_jax_alone_and_a_user_set_jax_folder_wins(monkeypatch, tmp_path):
     import jax
 
-    from han_jax import compilation_cache
+    from han_jax.training import compilation_cache
 
     monkeypatch.setattr(compilation_cache, "_executable_dir", None)  # restored for the tests after this one
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
@@ -53,6 +53,7 @@ def _evaluate(run_dir, out, *flags, env):
     return json.load(open(out))
 
 
+@pytest.mark.integration
 def test_a_warm_start_loads_the_cached_steps_and_gives_the_same_numbers(tiny_run_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env[ENV] = str(tmp_path / "unused")  # the flag wins over the environment
@@ -93,7 +94,7 @@ def _counted():
 
 @pytest.fixture
 def executable_dir(tmp_path):
-    from han_jax import compilation_cache
+    from han_jax.training import compilation_cache
 
     folder = str(tmp_path / "executables")
     compilation_cache.set_executable_dir(folder)
@@ -105,7 +106,7 @@ def test_a_stored_executable_is_loaded_without_tracing_and_gives_the_same_number
     import chex
     import jax.numpy as jnp
 
-    from han_jax.compilation_cache import persistent
+    from han_jax.training.compilation_cache import persistent
 
     x, y = jnp.arange(12.0).reshape(3, 4), jnp.full((3, 4), 0.5)
     jitted, traces = _counted()
@@ -132,7 +133,7 @@ def test_python_scalars_are_one_signature_whatever_their_value(executable_dir):
     import jax
     import jax.numpy as jnp
 
-    from han_jax.compilation_cache import persistent
+    from han_jax.training.compilation_cache import persistent
 
     wrapped = persistent(jax.jit(lambda x, epoch: x * epoch), "toy", "k")
     assert [float(wrapped(jnp.float32(2.0), epoch)) for epoch in (1, 2, 3)] == [2.0, 4.0, 6.0]
@@ -143,7 +144,7 @@ def test_a_broken_entry_is_reported_and_rebuilt(executable_dir, capsys):
     import chex
     import jax.numpy as jnp
 
-    from han_jax.compilation_cache import persistent
+    from han_jax.training.compilation_cache import persistent
 
     x = jnp.ones((2, 3))
     jitted, _ = _counted()
@@ -164,8 +165,8 @@ def test_without_a_folder_or_inside_a_trace_it_is_plain_jit(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from han_jax import compilation_cache
-    from han_jax.compilation_cache import persistent
+    from han_jax.training import compilation_cache
+    from han_jax.training.compilation_cache import persistent
 
     x = jnp.ones((2, 3))
     jitted, traces = _counted()
@@ -182,7 +183,7 @@ def test_without_a_folder_or_inside_a_trace_it_is_plain_jit(tmp_path):
 
 
 def test_an_edited_source_file_changes_every_key(monkeypatch):
-    from han_jax import compilation_cache
+    from han_jax.training import compilation_cache
 
     before = compilation_cache._environment()
     compilation_cache.source_fingerprint.cache_clear()
@@ -196,7 +197,7 @@ def test_prefetch_loads_in_the_background_what_the_first_call_then_uses(executab
     import chex
     import jax.numpy as jnp
 
-    from han_jax.compilation_cache import persistent, prefetch
+    from han_jax.training.compilation_cache import persistent, prefetch
 
     x = jnp.ones((2, 3))
     jitted, _ = _counted()
@@ -214,8 +215,8 @@ def test_without_store_runs_when_nothing_is_stored(executable_dir):
     import jax
     import jax.numpy as jnp
 
-    from han_jax import compilation_cache
-    from han_jax.compilation_cache import persistent
+    from han_jax.training import compilation_cache
+    from han_jax.training.compilation_cache import persistent
 
     calls = []
 
@@ -231,12 +232,12 @@ def test_without_store_runs_when_nothing_is_stored(executable_dir):
 
 _TOY_START = """
 import os, sys
-from han_jax import compilation_cache
+from han_jax.training import compilation_cache
 compilation_cache.enable_compilation_cache(sys.argv[2])
 if sys.argv[1] == "jax-only":
     compilation_cache.set_executable_dir(None)
 import jax, jax.numpy as jnp
-from han_jax.compilation_cache import persistent
+from han_jax.training.compilation_cache import persistent
 def f(x, y):
     return {"a": jnp.tanh(x) @ y.T, "b": jnp.broadcast_to(x.sum(), (3, 7)) * 2}
 out = persistent(jax.jit(f), "toy", "k")(jnp.ones((5, 4)), jnp.full((6, 4), 0.5))
@@ -244,6 +245,7 @@ print(float(out["a"].sum()), float(out["b"].sum()))
 """
 
 
+@pytest.mark.integration
 def test_an_entry_stored_after_a_hit_in_jax_own_cache_runs_in_a_new_process(tmp_path):
     # Where JAX's cache already holds the program, serialising what it loaded stored an entry that failed at
     # its first run in the next process ("Function wrapped_tanh not found"): stored functions compile fresh.
@@ -259,3 +261,21 @@ def test_an_entry_stored_after_a_hit_in_jax_own_cache_runs_in_a_new_process(tmp_
             assert any(name.startswith("jit_f-") for name in os.listdir(tmp_path / "xla"))
     assert outputs[0] == outputs[1] == outputs[2] == ["45.695655822753906", "840.0"]
     assert len(os.listdir(tmp_path / "xla" / "executables")) == 1
+
+
+def test_runs_that_differ_only_in_loop_data_or_schedule_share_a_cache_entry(tiny, executable_dir):
+    """The persistent key is the step's specification: another epoch count, data window or learning rate hits."""
+    import dataclasses
+
+    from han_jax.training.devices import SingleDevice
+    from han_jax.training.spec import StepSpec
+
+    config = tiny.config
+    other = config.replace(train=dataclasses.replace(config.train, epochs=50, patience=4),
+                           data=dataclasses.replace(config.data, end_date="2022-11-30"),
+                           step=dataclasses.replace(config.step, optim=dataclasses.replace(
+                               config.step.optim, learning_rate=0.01, warmup_epochs=4)))
+    compiled = SingleDevice().compiled(StepSpec.of(other, tiny.resolved))
+    assert compiled.train._prefix() == tiny.steps.compiled.train._prefix()
+    narrower = config.replace(model=dataclasses.replace(config.model, d_model=8))
+    assert SingleDevice().compiled(StepSpec.of(narrower, tiny.resolved)).train._prefix() != compiled.train._prefix()

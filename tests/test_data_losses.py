@@ -97,8 +97,12 @@ def test_monthly_csv(world):
 
 
 def test_bundled_snapshot_is_the_default_from_any_directory(tmp_path, monkeypatch):
-    """``--data losses`` needs no ``--losses-dir``: the default is package data, not a path beside a checkout."""
-    from han_jax.cli import _default_losses_dir, build_config
+    """``--data losses`` needs no ``--losses-dir``: the default is package data, not a path beside a checkout.
+
+    The configuration says so with no folder at all (None), so a run's config.json finds it on any machine.
+    """
+    from han_jax.cli import build_config
+    from han_jax.data import make_world
 
     monkeypatch.chdir(tmp_path)
     d = bundled_losses_dir()
@@ -106,11 +110,12 @@ def test_bundled_snapshot_is_the_default_from_any_directory(tmp_path, monkeypatc
     assert os.path.isdir(d) and os.path.commonpath([package, os.path.abspath(d)]) == package
     for name in ("russia_losses_personnel.json", "russia_losses_equipment.json", "LICENSE", "README.md"):
         assert os.path.isfile(os.path.join(d, name)), name
-    assert _default_losses_dir() == d and DataConfig.losses().losses_dir == d
+    assert DataConfig.losses().losses_dir is None
     w = load_losses_world()  # from tmp_path: nothing depends on the working directory
     assert str(w.daily["personnel"].dates[-1]) == BUNDLED_LAST_DAY
+    assert str(make_world(DataConfig.losses()).daily["personnel"].dates[-1]) == BUNDLED_LAST_DAY
     args = argparse.Namespace(preset="tiny", data="losses", losses_dir=None, monthly_csv_dir=None, set=[])
-    assert build_config(args).data.losses_dir == d  # what `han-jax train --data losses` runs with
+    assert build_config(args).data.losses_dir is None  # what `han-jax train --data losses` runs with
 
 
 def test_bundled_readme_names_the_snapshot():
@@ -185,6 +190,7 @@ def test_fatalities_csv_with_the_real_records(tmp_path):
     assert "2023-06" in seen and "2025-12" in seen  # anchors in the CSV's gap and after its last month
 
 
+@pytest.mark.integration
 def test_train_on_real_records_with_fatalities_csv(tmp_path):
     """``han-jax train --data losses --losses-dir DIR --monthly-csv-dir DIR --preset tiny --epochs 1``: the
     casualty task has targets in every split and its loss is finite."""

@@ -400,21 +400,25 @@ def test_shuffle_by_seed_and_epoch(small):
     np.testing.assert_allclose(np.sort(e0), np.sort(e1))
 
 
-def test_shard_for_devices(small):
+def test_pmap_batches_carry_a_device_axis(small):
+    from han_jax.config import ConfigError
+    from han_jax.training.devices import PmapDevices
+
     _, ds = small
-    inputs, targets = next(iterate_batches(ds.val, 8, num_devices=4))
+    devices = PmapDevices(4)
+    inputs, targets = next(devices.batches(ds.val, 8))
     assert inputs.daily_features["personnel"].shape == (4, 2, 60, 12)
     assert inputs.month_boundaries.shape == (4, 2, 3, 2)
     assert targets.sample_mask.shape == (4, 2) and targets.forecast_targets.shape[:2] == (4, 2)
     flat_i, flat_t = next(iterate_batches(ds.val, 8))
     np.testing.assert_array_equal(inputs.daily_features["drones"].reshape(8, 60, 9), flat_i.daily_features["drones"])
     np.testing.assert_array_equal(targets.sample_mask.reshape(8), flat_t.sample_mask)
-    with pytest.raises(ValueError, match="divisible"):
-        next(iterate_batches(ds.val, 6, num_devices=4))
+    with pytest.raises(ConfigError, match="train.batch_size=6: expected a multiple of train.num_devices=4"):
+        next(devices.batches(ds.val, 6))
 
 
 def test_a_process_gathers_only_its_rows_of_each_global_batch(small):
-    """``rows=``: one process's share of a global batch (han_jax.parallel), the same rows as slicing the
+    """``rows=``: one process's share of a global batch (han_jax.training.devices), the same rows as slicing the
     whole batch, padding included, for every batch of a shuffled epoch."""
     _, ds = small
     whole = list(iterate_batches(ds.train, 8, shuffle=True, seed=5, epoch=2))

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from han_jax.config import DataConfig, get_config
+from han_jax.app.validation import validate_config
+from han_jax.config import ConfigError, DataConfig, get_config
 from han_jax.data import DataError, build_datasets, iterate_batches, load_losses_world, make_world
-from han_jax.validation import ConfigError, validate_config
 
 HERE = os.path.dirname(__file__)
 FIXTURE = os.path.join(HERE, "fixtures", "losses")

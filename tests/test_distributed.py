@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from han_jax.cli import main
-from han_jax.parallel import DistributedStartError, cluster_detected, start_distributed
+from han_jax.training.distributed import DistributedStartError, cluster_detected, start_distributed
 from tests.helpers import TINY_EPOCHS
 
 # After TINY_EPOCHS epochs (57 Adam updates). Summation order differs between 1 device, 2 devices in one
@@ -71,7 +71,7 @@ def _numbers(metrics: dict) -> dict:
 
 
 def _params(run_dir):
-    from han_jax.runs import load_run
+    from han_jax.app.runs import load_run
 
     return jax.device_get(load_run(run_dir, "best").state.params)
 
@@ -101,6 +101,7 @@ def two_device_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.integration
 def test_two_processes_equal_two_devices_and_one_device(two_process_run, two_device_run, tiny_run_dir):
     run_dir, first, second, _ = two_process_run
     (_, out0, _), (_, out1, _) = first
@@ -155,6 +156,7 @@ def test_distributed_arguments_are_checked_before_anything_starts(kwargs, messag
     assert not jax.distributed.is_initialized()
 
 
+@pytest.mark.integration
 def test_a_wrong_process_id_is_refused_before_the_runtime_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "han_jax.cli", "train", "--preset", "tiny", "--run-dir",
                            str(tmp_path / "r"), "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
@@ -164,6 +166,7 @@ def test_a_wrong_process_id_is_refused_before_the_runtime_starts(tmp_path):
     assert not os.path.exists(tmp_path / "r")
 
 
+@pytest.mark.integration
 def test_a_coordinator_that_never_answers_times_out_naming_its_address(tmp_path):
     port = _free_port()  # nothing listens there
     proc = subprocess.run([sys.executable, "-m", "han_jax.cli", "train", "--preset", "tiny", "--run-dir",
@@ -174,6 +177,7 @@ def test_a_coordinator_that_never_answers_times_out_naming_its_address(tmp_path)
     assert f"coordinator 127.0.0.1:{port} did not answer within 3 s (process 1 of 2)" in proc.stderr
 
 
+@pytest.mark.integration
 def test_a_process_whose_peers_never_join_times_out(tmp_path):
     port = _free_port()
     proc = subprocess.run([sys.executable, "-m", "han_jax.cli", "train", "--preset", "tiny", "--run-dir",
@@ -186,6 +190,7 @@ def test_a_process_whose_peers_never_join_times_out(tmp_path):
     assert not os.path.exists(tmp_path / "r")
 
 
+@pytest.mark.integration
 def test_a_global_batch_the_devices_cannot_share_is_refused(tmp_path):
     results, _ = _fails(["--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--batch-size", "3"], n=2)
     for _, _, stderr in results:
@@ -193,6 +198,7 @@ def test_a_global_batch_the_devices_cannot_share_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "r")
 
 
+@pytest.mark.integration
 def test_pmap_is_refused_across_processes(tmp_path):
     results, _ = _fails(["--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--parallel", "pmap"], n=2)
     for _, _, stderr in results:

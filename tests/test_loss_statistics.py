@@ -18,15 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from han_jax.config import LossConfig
-from han_jax.losses import (
-    Moments,
-    combine_statistics,
+from han_jax.core.reductions import Moments, masked_moments, masked_var
+from han_jax.core.reductions import merge_statistics as combine_statistics
+from han_jax.objective import (
     compute_losses,
     compute_losses_with_diagnostics,
     finalize_losses,
     loss_statistics,
-    masked_moments,
-    masked_var,
     statistics_to_host,
 )
 from tests import reference_losses as ref
@@ -156,14 +154,17 @@ def test_statistics_jit_and_pytree():
 def test_expected_statistic_keys():
     outputs, t = random_split_batch(4)
     stats = loss_statistics(outputs, to_targets(t))
-    assert set(stats["regime"]) == {"last_sq_sum", "last_sq_count", "class_count", "label_nll_sum", "all_nll_sum",
-                                    "probs_sum", "entropy_sum", "n_valid"}
+    assert set(stats["regime"]) == {"last_sq_sum", "last_sq_count", "class_count", "class_correct", "label_nll_sum",
+                                    "all_nll_sum", "probs_sum", "entropy_sum", "n_valid"}
     assert stats["regime"]["class_count"].shape == (4,)
-    assert set(stats["transition"]) == {"score_sq_sum", "n_rows", "loss_sum", "n_valid"}
-    assert set(stats["casualty"]) == {"pi_reg_sum", "log_mu_sq_sum", "theta_reg_sum", "n_rows", "nll_sum", "n_valid"}
+    assert set(stats["transition"]) == {"score_sq_sum", "n_rows", "loss_sum", "n_valid", "positives",
+                                        "predicted_positives", "true_positives"}
+    assert set(stats["casualty"]) == {"pi_reg_sum", "log_mu_sq_sum", "theta_reg_sum", "n_rows", "nll_sum", "n_valid",
+                                      "abs_error_sum"}
     assert set(stats["anomaly"]) == {"score_sq_sum", "n_rows", "sq_err_sum", "n_valid", "pred", "target"}
     assert set(stats["forecast"]) == {"pred_sq_sum", "pred_sq_count", "sq_err_sum", "n_valid", "pred", "target",
-                                      "smooth_sum", "smooth_count", "month_var_sum", "month_var_count"}
+                                      "smooth_sum", "smooth_count", "month_var_sum", "month_var_count",
+                                      "next_sq_err", "next_count"}
     assert set(stats["daily_forecast"]) == {"pred_sq_sum", "pred_sq_count", "smooth_sum", "smooth_count"}
 
 

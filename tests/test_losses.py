@@ -8,15 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from han_jax.batch import Targets
+from han_jax import tasks
 from han_jax.config import LossConfig
-from han_jax.losses import (
-    compute_losses,
-    compute_losses_with_diagnostics,
-    temporal_regularization,
-    weighted_smoothed_cross_entropy,
-    zinb_nll,
-)
+from han_jax.core.aggregate import aggregate, init_log_vars
+from han_jax.core.batch import Targets
+from han_jax.objective import compute_losses, compute_losses_with_diagnostics, temporal_regularization
+from han_jax.tasks.casualty import zinb_nll
+from han_jax.tasks.regime import weighted_smoothed_cross_entropy
 from tests import reference_losses as ref
 
 TASKS = ("regime", "transition", "casualty", "anomaly", "forecast", "daily_forecast")
@@ -211,17 +209,18 @@ def test_padding_rows_are_as_if_absent_even_with_garbage():
     rng = np.random.default_rng(10)
     outputs = make_outputs(rng, b=5)
     t = make_targets(rng, b=5)
-    base = compute_losses(outputs, to_targets(t))
+    losses = jax.jit(compute_losses)  # one compile per shape; eagerly, every op would be dispatched alone
+    base = losses(outputs, to_targets(t))
     # Append three padding rows full of huge values and NaN, with "valid" flags set.
     pad_out = {k: np.concatenate([v, np.full((3,) + v.shape[1:], 1e4, np.float32)]) for k, v in outputs.items()}
     pad_out["regime_logits"][-1] = np.nan
     pad_t = {k: np.concatenate([v, np.ones((3,) + v.shape[1:], v.dtype) * (7 if v.dtype != bool else True)])
              for k, v in t.items()}
     pad_t["sample_mask"] = np.arange(8) < 5
-    padded, diag = compute_losses_with_diagnostics(pad_out, to_targets(pad_t))
+    padded, diag = jax.jit(compute_losses_with_diagnostics)(pad_out, to_targets(pad_t))
     chex.assert_trees_all_close(padded, base, rtol=1e-6, atol=1e-7)
     assert not bool(diag.nan_in_outputs)  # NaN on a padding row is not reported
-    for name, g in jax.grad(lambda o: sum(compute_losses(o, to_targets(pad_t)).values()))(
+    for name, g in jax.jit(jax.grad(lambda o: sum(compute_losses(o, to_targets(pad_t)).values())))(
         {k: jnp.asarray(v) for k, v in pad_out.items()}
     ).items():
         assert np.all(np.isfinite(np.asarray(g))), name
@@ -326,8 +325,7 @@ def test_temporal_regularization_matches_reference():
 
 
 def test_nan_task_is_excluded_without_poisoning_gradients():
-    from han_jax.aggregate import aggregate, init_log_vars
-
+    priors = {t.name: t.prior for t in tasks.tasks()}
     rng = np.random.default_rng(17)
     outputs = {k: jnp.asarray(v) for k, v in make_outputs(rng).items()}
     t = make_targets(rng, p_valid=1.0)
@@ -337,11 +335,11 @@ def test_nan_task_is_excluded_without_poisoning_gradients():
     assert np.isnan(float(losses["forecast"]))
 
     def total(o):
-        return aggregate(compute_losses(o, targets), init_log_vars())[0]
+        return aggregate(compute_losses(o, targets), init_log_vars(priors))[0]
 
-    value, info = aggregate(losses, init_log_vars())
+    value, info = aggregate(losses, init_log_vars(priors))
     assert np.isfinite(float(value)) and not bool(info.included["forecast"])
-    grads = jax.grad(total)(outputs)
+    grads = jax.jit(jax.grad(total))(outputs)
     for name, g in grads.items():
         assert np.all(np.isfinite(np.asarray(g))), name
     np.testing.assert_array_equal(np.asarray(grads["forecast_pred"]), 0.0)

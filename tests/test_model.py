@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from han_jax.batch import Inputs
 from han_jax.config import ModelConfig
+from han_jax.core.batch import Inputs
+from han_jax.core.precision import Policy
 from han_jax.model import MultiResolutionHAN
 from han_jax.model.attention import AttentionCore, MultiheadAttention, combine_masks
 from han_jax.model.common import unmask_first_if_all_masked
@@ -20,7 +21,7 @@ from han_jax.model.daily_temporal import local_window_valid
 from han_jax.model.han import observation_density
 from han_jax.model.monthly_aggregation import month_masks
 from han_jax.model.temporal_encoder import TemporalEncoder
-from han_jax.precision import Policy
+from han_jax.training.steps import jit_forward
 
 SMALL = ModelConfig.small()
 B, T, M = 2, 60, 3
@@ -76,6 +77,15 @@ def count(tree):
 
 
 @pytest.fixture(scope="module")
+def session_model(tiny):
+    """The session's tiny model: its configuration, parameters, a batch of the session's shapes and its compiled
+    forward (``jit_forward``, shared with the run tests): these tests add no compile of their own."""
+    cfg = tiny.spec.model
+    forward = jit_forward(tiny.spec)
+    return cfg, {"params": tiny.state.params}, make_inputs(cfg, b=8), lambda v, x: forward(v["params"], x)
+
+
+@pytest.fixture(scope="module")
 def small():
     model = MultiResolutionHAN(config=SMALL, policy=Policy())
     inputs = make_inputs(SMALL)
@@ -105,24 +115,24 @@ def test_no_latent_forecast_head_shapes():
     assert out["daily_forecast_pred"].shape == (B, cfg.daily_forecast_horizon, cfg.n_daily_features)
 
 
-@pytest.mark.parametrize("policy_name", ["f32", "bf16"])
-def test_output_keys_shapes_dtypes(small, policy_name):
-    _, variables, inputs, apply_f32 = small
+@pytest.mark.parametrize("policy_name", ["f32", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_output_keys_shapes_dtypes(session_model, policy_name):
+    cfg, variables, inputs, apply_f32 = session_model
     policy = Policy.from_string(policy_name)
     if policy_name == "f32":
         out = apply_f32(variables, inputs)
     else:
-        model = MultiResolutionHAN(config=SMALL, policy=policy)
+        model = MultiResolutionHAN(config=cfg, policy=policy)
         out = jax.jit(lambda v, x: model.apply(v, x, deterministic=True))(variables, inputs)
     assert set(out) == OUT_KEYS
-    d, fm = SMALL.d_model, SMALL.n_monthly_features
-    chex.assert_shape(out["temporal_output"], (B, M, d))
-    chex.assert_shape([out["casualty_pred"], out["casualty_var"]], (B, M, 3))
-    chex.assert_shape(out["regime_logits"], (B, M, SMALL.n_regime_classes))
-    chex.assert_shape([out["anomaly_score"], out["uncertainty"]], (B, M, 1))
-    chex.assert_shape(out["forecast_pred"], (B, M, fm))
-    chex.assert_shape(out["daily_forecast_pred"], (B, SMALL.daily_forecast_horizon, d))
-    chex.assert_shape(out["source_importance"], (B, M, len(SMALL.monthly_sources)))
+    b, d, fm = inputs.month_boundaries.shape[0], cfg.d_model, cfg.n_monthly_features
+    chex.assert_shape(out["temporal_output"], (b, M, d))
+    chex.assert_shape([out["casualty_pred"], out["casualty_var"]], (b, M, 3))
+    chex.assert_shape(out["regime_logits"], (b, M, cfg.n_regime_classes))
+    chex.assert_shape([out["anomaly_score"], out["uncertainty"]], (b, M, 1))
+    chex.assert_shape(out["forecast_pred"], (b, M, fm))
+    chex.assert_shape(out["daily_forecast_pred"], (b, cfg.daily_forecast_horizon, d))
+    chex.assert_shape(out["source_importance"], (b, M, len(cfg.monthly_sources)))
     chex.assert_type(list(out.values()), jnp.float32)
     chex.assert_tree_all_finite(out)
     chex.assert_type(jax.tree_util.tree_leaves(variables), jnp.float32)
@@ -146,24 +156,25 @@ def test_bf16_policy_computes_in_bf16():
     chex.assert_type(probs, jnp.float32)  # softmax in f32
 
 
-def test_initialisers_follow_the_original(small):
-    p = small[1]["params"]
+def test_initialisers_follow_the_original(session_model):
+    cfg, variables = session_model[:2]
+    p, d = variables["params"], cfg.d_model
     enc = p["daily_encoders_personnel"]
     np.testing.assert_array_equal(enc["feature_projection"]["dense"]["bias"], 0.0)  # xavier, zero bias
-    assert float(jnp.abs(enc["feature_projection"]["dense"]["kernel"]).max()) <= np.sqrt(6 / (12 + 32))
+    assert float(jnp.abs(enc["feature_projection"]["dense"]["kernel"]).max()) <= np.sqrt(6 / (12 + d))
     attn = enc["layers_0"]["self_attn"]
     np.testing.assert_array_equal(attn["in_proj_bias"], 0.0)
     np.testing.assert_array_equal(attn["out_proj"]["dense"]["bias"], 0.0)
     assert 0.005 < float(jnp.std(enc["observation_status_embedding"]["embedding"])) < 0.05  # N(0, 0.02)
     conv = p["daily_fusion"]["source_gate"]["multi_scale_convs_0"]["conv"]  # torch default U(+-1/sqrt(fan_in))
-    bound = 1 / np.sqrt(2 * 32 * 3)
+    bound = 1 / np.sqrt(2 * d * 3)
     assert float(jnp.abs(conv["kernel"]).max()) <= bound and float(jnp.abs(conv["bias"]).max()) <= bound
     assert float(jnp.abs(conv["bias"]).max()) > 0
     gate_pos = p["daily_fusion"]["source_gate"]["temporal_encoding"]["position_embedding"]["embedding"]
     assert 0.015 < float(jnp.std(gate_pos)) < 0.025  # re-initialised to N(0, 0.02)
     assert 0.7 < float(jnp.std(p["daily_temporal_encoder"]["month_embedding"]["embedding"])) < 1.3  # torch N(0, 1)
     q = p["monthly_aggregation"]["month_queries"]
-    assert abs(float(jnp.std(q)) - 32**-0.5) < 0.02
+    assert abs(float(jnp.std(q)) - d**-0.5) < 0.03
     np.testing.assert_allclose(p["daily_temporal_encoder"]["residual_scale"], 0.1)
     np.testing.assert_array_equal(p["daily_temporal_encoder"]["pos_scale"], 1.0)
 
@@ -172,8 +183,8 @@ def _with(inputs, **changes):
     return dataclasses.replace(inputs, **changes)
 
 
-def test_finite_when_everything_missing(small):
-    _, variables, inputs, apply_det = small
+def test_finite_when_everything_missing(session_model):
+    _, variables, inputs, apply_det = session_model
     garbage = lambda d: {k: jnp.full_like(v, -999.0) for k, v in d.items()}
     nothing = lambda d: {k: jnp.zeros_like(v, dtype=bool) for k, v in d.items()}
     empty = _with(
@@ -192,9 +203,9 @@ def test_finite_when_everything_missing(small):
     chex.assert_trees_all_close(out, apply_det(variables, zeros))
 
 
-def test_finite_when_one_source_missing(small):
-    _, variables, inputs, apply_det = small
-    dname, mname = SMALL.daily_source_names[0], SMALL.monthly_source_names[1]
+def test_finite_when_one_source_missing(session_model):
+    cfg, variables, inputs, apply_det = session_model
+    dname, mname = cfg.daily_source_names[0], cfg.monthly_source_names[1]
     x = _with(
         inputs,
         daily_masks={**inputs.daily_masks, dname: jnp.zeros_like(inputs.daily_masks[dname])},
@@ -206,8 +217,8 @@ def test_finite_when_one_source_missing(small):
     assert not np.allclose(out["temporal_output"], ref["temporal_output"])
 
 
-def test_finite_for_degenerate_months_and_extreme_values(small):
-    _, variables, inputs, apply_det = small
+def test_finite_for_degenerate_months_and_extreme_values(session_model):
+    _, variables, inputs, apply_det = session_model
     bnd = np.asarray(inputs.month_boundaries).copy()
     bnd[0, 0] = [0, 0]  # padding month
     bnd[0, 1] = [30, 10]  # start > end
@@ -217,12 +228,14 @@ def test_finite_for_degenerate_months_and_extreme_values(small):
     chex.assert_tree_all_finite(out)
 
 
+@pytest.mark.slow
 def test_jit_matches_no_jit(small):
     model, variables, inputs, apply_det = small
     eager = model.apply(variables, inputs, deterministic=True)
     chex.assert_trees_all_close(eager, apply_det(variables, inputs), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout(small):
     model, variables, inputs, apply_det = small
     k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
@@ -235,6 +248,7 @@ def test_dropout(small):
     chex.assert_trees_all_equal(a, f(variables, inputs, k1))
 
 
+@pytest.mark.slow
 def test_remat_and_return_attention(small):
     """remat changes nothing numerically; return_attention only adds the maps."""
     _, variables, inputs, apply_det = small
@@ -398,6 +412,7 @@ def _with_gain(variables, raw):
     return {"params": params}
 
 
+@pytest.mark.slow
 def test_residual_forecast_adds_the_current_months_observed_inputs_times_a_learnt_gain(small):
     _, variables, inputs, apply_det = small
     residual = MultiResolutionHAN(config=dataclasses.replace(SMALL, forecast_residual=True), policy=Policy())
@@ -425,6 +440,7 @@ def test_residual_forecast_adds_the_current_months_observed_inputs_times_a_learn
     chex.assert_trees_all_close(got["forecast_pred"], want["forecast_pred"] + gain * current, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_regime_head_reads_each_months_last_daily_state(small):
     _, variables, inputs, apply_det = small
     cfg = dataclasses.replace(SMALL, regime_daily_state=True)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from jax import lax
 
+from han_jax.core.precision import Policy
 from han_jax.model.common import Conv1d, conv1d_general_dilated
 from han_jax.model.dropout import Dropout, hashed_bits, keep_mask
-from han_jax.precision import Policy
 
 # ----- dropout -----
 
@@ -214,6 +214,7 @@ def test_deferred_normalisation_equals_softmax_then_dropout():
 # ----- the vmapped per-source stacks keep the parameter tree and the outputs -----
 
 
+@pytest.mark.slow
 def test_vmapped_daily_stacks_equal_the_per_source_loop():
     import dataclasses
 
@@ -266,6 +267,7 @@ def test_gelu_is_torchs_exact_form():
     np.testing.assert_allclose(g, cdf + xs * phi, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_a_monthly_encoder_padded_to_a_wider_source_gives_its_unpadded_result():
     """MultiSourceMonthlyEncoder runs every source's encoder at the widest source's feature count
     (one vmapped encoder): padding features, marked by feature_valid, must change nothing. Months

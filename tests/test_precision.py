@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from han_jax.precision import DynamicLossScale, NoOpLossScale, Policy, make_loss_scale
+from han_jax.core.precision import DynamicLossScale, NoOpLossScale, Policy, make_loss_scale
 
 
 def test_presets_and_strings():

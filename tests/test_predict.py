@@ -8,12 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+from han_jax import config as configs
+from han_jax.app.predict import predict, prediction_table
+from han_jax.app.runs import load_run
 from han_jax.cli import main
+from han_jax.config import ConfigError, Resolved
 from han_jax.data import DataConfig, DataError, build_datasets, iterate_batches, make_world
 from han_jax.data.transform import signed_log1p
-from han_jax.predict import prediction_table
-from han_jax.runs import load_run
-from han_jax.validation import ConfigError
+from han_jax.training.devices import SingleDevice
+from han_jax.training.spec import StepSpec
 
 NEWER_DAYS = 400  # the tiny run's world has 300 days, to 2022-12-20
 
@@ -31,7 +34,7 @@ def newer(run):
 
 def test_predict_on_data_newer_than_training(tiny_run_dir, run, newer):
     trained_end = np.datetime64(make_world(run.config.data).daily["personnel"].dates[-1], "D")
-    table = run.predict(data=newer, date_from="2022-12-01")
+    table = predict(run, data=newer, date_from="2022-12-01")
     dates = table["date"]
     assert dates[0] == np.datetime64("2022-12-01") and np.all(np.diff(dates).astype(int) == 1)
     assert dates[-1] == np.datetime64("2023-03-30") > trained_end  # ~100 anchors after the training data
@@ -44,7 +47,8 @@ def test_predict_on_data_newer_than_training(tiny_run_dir, run, newer):
 
     # De-normalisation: the forward pass's normalised forecast, times the SAVED std, plus the SAVED mean.
     windows = run.windows(data=newer, date_from="2022-12-01")
-    z = np.concatenate([np.asarray(jax.device_get(run.forward(inputs)["forecast_pred"][:, -1]))[
+    test = SingleDevice().compiled(run.spec).test
+    z = np.concatenate([np.asarray(jax.device_get(test(run.state, inputs, targets).predictions["forecast_next"]))[
         np.asarray(targets.sample_mask)] for inputs, targets in iterate_batches(windows.split, 8)])
     with np.load(os.path.join(tiny_run_dir, "norm_stats.npz")) as saved:
         mean, std = saved["monthly/hdx_conflict/mean"], saved["monthly/hdx_conflict/std"]
@@ -104,20 +108,19 @@ def test_dates_outside_the_data_are_clear_errors(run):
 
 def test_daily_forecasts_are_reported_in_original_units_through_the_inverse_count_transform():
     """The direct daily head's forecast (``use_latent_forecast=False``), de-normalised and log1p undone."""
-    from han_jax import config as configs
-
     cfg = DataConfig.small(count_transform="log1p")
     ds = build_datasets(make_world(cfg), cfg)
-    config = configs.tiny().replace(data=cfg, model=dataclasses.replace(
-        configs.tiny().model, use_latent_forecast=False, **ds.model_layout()))
-    n, h = len(ds.test), config.model.daily_forecast_horizon
+    config = configs.tiny().replace(data=cfg,
+                                    model=dataclasses.replace(configs.tiny().model, use_latent_forecast=False))
+    spec = StepSpec.of(config, Resolved(**ds.model_layout()))
+    n, h = len(ds.test), spec.model.daily_forecast_horizon
     rng = np.random.default_rng(0)
     preds = {"regime_probs": np.full((n, 4), 0.25), "transition_prob": rng.random(n),
              "expected_fatalities": rng.random(n), "zinb_pi": rng.random(n), "zinb_mu": rng.random(n),
              "zinb_theta": rng.random(n), "anomaly_logit": rng.normal(size=n),
-             "forecast_next": rng.normal(size=(n, config.model.n_monthly_features)),
-             "daily_forecast": rng.normal(size=(n, h, config.model.n_daily_features))}
-    table = prediction_table(preds, ds.test, ds.calendar.day_dates[ds.test.anchors], config=config,
+             "forecast_next": rng.normal(size=(n, spec.model.n_monthly_features)),
+             "daily_forecast": rng.normal(size=(n, h, spec.model.n_daily_features))}
+    table = prediction_table(preds, ds.test, ds.calendar.day_dates[ds.test.anchors], spec=spec,
                              normalisation=ds.normalisation, layout=ds.layout)
     # Sorted source names: drones (9 features) first, then personnel.
     stats = ds.normalisation.stats.daily

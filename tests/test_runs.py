@@ -12,12 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from han_jax.config import config_from_dict
-from han_jax.data import DataLayout, Normalisation, build_datasets, iterate_batches, make_world
-from han_jax.evaluate import evaluate_split
-from han_jax.runs import load_run, write_run_folder
-from han_jax.steps import jit_steps, row_predictions
-from tests.helpers import TINY_EPOCHS, tiny_config, tiny_run_config
+from han_jax.app.evaluate import evaluate_split
+from han_jax.app.runs import load_run, write_run_folder
+from han_jax.app.summaries import open_writer
+from han_jax.config import Resolved, config_from_dict
+from han_jax.data import DataLayout, Normalisation, iterate_batches, make_world
+from han_jax.training.steps import row_predictions
+from tests.helpers import TINY_EPOCHS, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +27,18 @@ def run(tiny_run_dir):
 
 
 @pytest.fixture(scope="module")
-def datasets():
-    cfg = tiny_config().data
-    return build_datasets(make_world(cfg), cfg)
+def datasets(tiny):
+    return tiny.datasets
 
 
-def test_run_folder_rebuilds_config_normalisation_and_layout(tiny_run_dir, run, datasets):
+def test_run_folder_rebuilds_config_normalisation_and_layout(tiny_run_dir, run, datasets, tiny):
+    # What the user asked for and what the data gave, apart.
     with open(os.path.join(tiny_run_dir, "config.json")) as f:
-        assert config_from_dict(json.load(f)) == tiny_run_config()
-    assert run.config == tiny_run_config()
+        assert config_from_dict(json.load(f)) == tiny_config()
+    with open(os.path.join(tiny_run_dir, "resolved.json")) as f:
+        assert config_from_dict(json.load(f), Resolved) == tiny.resolved
+    assert run.config == tiny_config() and run.resolved == tiny.resolved and run.spec == tiny.spec
+    assert run.config.model.daily_sources is None  # the model takes the data's layout
     with np.load(os.path.join(tiny_run_dir, "norm_stats.npz")) as arrays:
         saved = Normalisation.from_arrays(dict(arrays))
     want = datasets.normalisation
@@ -48,20 +52,19 @@ def test_run_folder_rebuilds_config_normalisation_and_layout(tiny_run_dir, run, 
     with open(os.path.join(tiny_run_dir, "layout.json")) as f:
         layout = DataLayout.from_dict(json.load(f))
     assert layout == run.layout == datasets.layout
-    assert layout.model_layout() == {"daily_sources": run.config.model.daily_sources,
-                                     "monthly_sources": run.config.model.monthly_sources}
+    assert layout.model_layout() == {"daily_sources": run.spec.model.daily_sources,
+                                     "monthly_sources": run.spec.model.monthly_sources}
     assert layout.features("monthly")["sentinel"][0] == "s1_radar"
 
 
-def test_forward_equals_the_saved_state_s_test_step(tiny_run_dir, run, datasets):
-    steps = jit_steps(run.config)
+def test_forward_equals_the_saved_state_s_test_step(tiny_run_dir, run, datasets, tiny):
     inputs, targets = next(iterate_batches(datasets.test, run.config.train.batch_size))
-    expected = jax.device_get(steps.test(run.state, inputs, targets).predictions)
-    got = jax.device_get(row_predictions(run.forward(inputs), run.config))
+    expected = jax.device_get(tiny.steps.test(run.state, inputs, targets).predictions)
+    got = jax.device_get(row_predictions(run.forward(inputs), run.spec))
     assert set(expected) - {"sample_mask"} == set(got)
     chex.assert_trees_all_close(got, {k: v for k, v in expected.items() if k != "sample_mask"}, rtol=1e-6, atol=1e-6)
     # The state is the best checkpoint: it scores the run's own final numbers.
-    metrics, _ = evaluate_split(steps.test, run.state, datasets.val, 8, config=run.config)
+    metrics, _ = evaluate_split(tiny.steps.test, run.state, datasets.val, 8, spec=run.spec)
     summary = json.load(open(os.path.join(tiny_run_dir, "summary.json")))
     np.testing.assert_allclose(metrics["weighted_total"], summary["final"]["val"]["weighted_total"], rtol=1e-6)
 
@@ -79,15 +82,31 @@ def test_a_run_written_before_the_change_is_a_clear_error(tiny_run_dir, tmp_path
         load_run(tiny_run_dir, "newest")
 
 
+def test_a_run_folder_without_resolved_json_reads_it_from_its_config(tiny_run_dir, tmp_path, run):
+    """Folders written before resolved.json held the data-derived values inside config.json."""
+    old = tmp_path / "older_run"
+    shutil.copytree(tiny_run_dir, old)
+    os.remove(old / "resolved.json")
+    with open(old / "config.json") as f:
+        data = json.load(f)
+    data["model"]["daily_sources"] = [list(x) for x in run.resolved.daily_sources]
+    data["model"]["monthly_sources"] = [list(x) for x in run.resolved.monthly_sources]
+    data["step"]["optim"]["steps_per_epoch"] = run.resolved.steps_per_epoch
+    with open(old / "config.json", "w") as f:
+        json.dump(data, f)
+    again = load_run(str(old))
+    assert again.resolved == run.resolved and again.spec == run.spec
+
+
 def test_write_run_folder_round_trips_a_state(run, tmp_path):
     out = str(tmp_path / "written")
-    write_run_folder(out, run.config, run.state, run.normalisation, run.layout)
+    write_run_folder(out, run.config, run.resolved, run.state, run.normalisation, run.layout)
     again = load_run(out, "latest")
-    assert again.config == run.config and again.layout == run.layout
+    assert again.config == run.config and again.resolved == run.resolved and again.layout == run.layout
     chex.assert_trees_all_equal(jax.device_get(again.state.params), jax.device_get(run.state.params))
     assert not glob.glob(os.path.join(out, ".*.tmp")), "atomic writes leave no temporary file"
     with pytest.raises(FileExistsError, match="expected a new run folder"):
-        write_run_folder(out, run.config, run.state, run.normalisation, run.layout)
+        write_run_folder(out, run.config, run.resolved, run.state, run.normalisation, run.layout)
 
 
 def _csv(path):
@@ -96,7 +115,7 @@ def _csv(path):
     return rows[0], rows[1:]
 
 
-def test_train_writes_predictions_csv_and_forecast_png(tiny_run_dir, run, datasets):
+def test_train_writes_predictions_csv_and_forecast_png(tiny_run_dir, run, datasets, tiny):
     header, rows = _csv(os.path.join(tiny_run_dir, "predictions.csv"))
     assert os.path.getsize(os.path.join(tiny_run_dir, "forecast.png")) > 0
     assert header[:3] == ["date", "split", "forecast_month"]
@@ -116,7 +135,7 @@ def test_train_writes_predictions_csv_and_forecast_png(tiny_run_dir, run, datase
     # The test rows are the test step's predictions of the best state.
     test_rows = [r for r in rows if r[col["split"]] == "test"]
     inputs, targets = next(iterate_batches(datasets.test, 8))
-    preds = jax.device_get(jit_steps(run.config).test(run.state, inputs, targets).predictions)
+    preds = jax.device_get(tiny.steps.test(run.state, inputs, targets).predictions)
     got = np.array([float(r[col["expected_fatalities"]]) for r in test_rows[:8]])
     np.testing.assert_allclose(got, preds["expected_fatalities"], rtol=1e-6)
     # Actual values beside the predictions, in the data's units: the world's raw monthly value.
@@ -168,8 +187,6 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tiny_run_dir):
 
 def test_without_tensorboardx_a_run_says_so_once_and_writes_nothing(tmp_path, monkeypatch):
     import sys
-
-    from han_jax.summaries import open_writer
 
     lines = []
     assert open_writer(str(tmp_path), enabled=False, log=lines.append) is None and lines == []

@@ -1,4 +1,4 @@
-"""han_jax.torch_import: the original's checkpoints <-> han-jax params.
+"""han_jax.app.torch_import: the original's checkpoints <-> han-jax params.
 
 Everything but the last tests runs on numpy arrays, without torch. The original's
 layout comes from ``tests/fixtures/original_state_dict`` (names and shapes of its
@@ -20,17 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from han_jax import torch_import as ti
-from han_jax.aggregate import aggregate, init_log_vars
-from han_jax.config import TASK_NAMES, ModelConfig
+from han_jax import tasks
+from han_jax.app import torch_import as ti
+from han_jax.app.runs import load_run
+from han_jax.config import SMALL_DAILY_SOURCES, SMALL_MONTHLY_SOURCES, ModelConfig
+from han_jax.core.aggregate import aggregate, init_log_vars
 from han_jax.model import MultiResolutionHAN
 from han_jax.model.common import sinusoidal_table
 from han_jax.testing import random_batch
 from tests.helpers import tiny_config
 
+TASK_NAMES = tasks.names()
+PRIORS = {t.name: t.prior for t in tasks.tasks()}
 FIXTURES = Path(__file__).parent / "fixtures" / "original_state_dict"
-# The original's heads: han-jax's forecast_residual gain and regime_daily_state add weights it never had.
-TINY = dataclasses.replace(tiny_config().model, forecast_residual=False, regime_daily_state=False)
+# The original's heads (han-jax's forecast_residual gain and regime_daily_state add weights it never had), on the
+# tiny data's sources.
+TINY = dataclasses.replace(tiny_config().model, forecast_residual=False, regime_daily_state=False,
+                           daily_sources=SMALL_DAILY_SOURCES, monthly_sources=SMALL_MONTHLY_SOURCES)
 
 
 def _fixture(name: str) -> dict:
@@ -283,7 +289,7 @@ def test_softplus_kendall_scales_map_to_the_same_task_weights():
         assert kind == "softplus_kendall"
         assert log_vars == {t: pytest.approx(math.log1p(math.exp(v))) for t, v in raw.items()}
     # The original weights task t by exp(-softplus(raw_t)); han-jax's weight is exp(-log_var_t).
-    _, info = aggregate({t: jnp.float32(1.0) for t in TASK_NAMES}, {**init_log_vars(), **log_vars})
+    _, info = aggregate({t: jnp.float32(1.0) for t in TASK_NAMES}, {**init_log_vars(PRIORS), **log_vars})
     for t, v in raw.items():
         assert float(info.weight[t]) == pytest.approx(math.exp(-math.log1p(math.exp(v))), rel=1e-6)
 
@@ -387,13 +393,11 @@ def test_reads_a_checkpoint_in_the_original_trainers_format(tmp_path):
         ti.read_torch_checkpoint(str(tmp_path / "other.pt"))
 
 
+@pytest.mark.slow
 def test_import_run_writes_a_run_folder_that_loads_and_forwards_the_weights(tmp_path):
-    from han_jax.runs import load_run
-    from tests.helpers import tiny_run_config
-
     config = tiny_config()
     # The original has no residual forecast path: the imported run must not add one.
-    model = dataclasses.replace(tiny_run_config().model, forecast_residual=False, regime_daily_state=False)
+    model = TINY
     params = jax.tree_util.tree_map(lambda x: 0.05 * x, _random_params(model, seed=3))
     state_dict = ti.params_to_state_dict(params, model)
     checkpoint = ti.TorchCheckpoint(path=str(tmp_path / "original.pt"), state_dict=state_dict,
@@ -403,10 +407,10 @@ def test_import_run_writes_a_run_folder_that_loads_and_forwards_the_weights(tmp_
     ti.import_run(checkpoint, str(tmp_path / "run"), config, log=lines.append)
 
     run = load_run(str(tmp_path / "run"))
-    assert run.config.model == model
+    assert run.spec.model == model
     chex.assert_trees_all_equal(jax.device_get(run.state.params), params)
     assert float(run.state.log_vars["regime"]) == 0.25 and float(run.state.log_vars["forecast"]) == -0.5
-    priors = init_log_vars(TASK_NAMES, run.config.step.log_var_priors)
+    priors = init_log_vars(PRIORS, run.config.step.log_var_priors)
     assert float(run.state.log_vars["casualty"]) == float(priors["casualty"])
     assert any("priors kept" in line and "casualty" in line for line in lines)
     assert any("optimizer_state_dict" in line for line in lines)
@@ -423,4 +427,4 @@ def test_import_run_writes_a_run_folder_that_loads_and_forwards_the_weights(tmp_
 def test_import_run_rejects_log_vars_of_unknown_tasks():
     checkpoint = ti.TorchCheckpoint(path="x.pt", state_dict={}, log_vars={"geography": 0.1}, loss_kind="kendall")
     with pytest.raises(ti.CheckpointMismatch, match="log_vars.geography"):
-        ti.imported_log_vars(checkpoint, TASK_NAMES)
+        ti.imported_log_vars(checkpoint, init_log_vars(PRIORS))

@@ -8,8 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from han_jax import tasks
+from han_jax.app.train import collapse_warning
 from han_jax.cli import main
-from han_jax.validation import ConfigError
+from han_jax.config import ConfigError
 from tests.helpers import TINY_EPOCHS
 
 EPOCHS = str(TINY_EPOCHS)
@@ -33,8 +35,8 @@ def _params(run_dir, which="latest"):
 
 
 def test_cli_run_writes_every_file_with_comparable_phases(full_run):
-    for name in ("config.json", "norm_stats.npz", "layout.json", "metrics.jsonl", "summary.json", "curves.png",
-                 "predictions.csv", "forecast.png"):
+    for name in ("config.json", "resolved.json", "norm_stats.npz", "layout.json", "metrics.jsonl", "summary.json",
+                 "curves.png", "predictions.csv", "forecast.png"):
         assert os.path.getsize(os.path.join(full_run, name)) > 0, name
     rows = _rows(full_run)
     assert [(r["epoch"], r["phase"]) for r in rows] == [(e, p) for e in range(3) for p in ("train", "val", "test")]
@@ -106,6 +108,7 @@ def test_summary_and_metrics_carry_baselines_skill_and_target_counts(full_run):
     assert all("skill/forecast" in r["metrics"] for r in rows)
 
 
+@pytest.mark.integration
 def test_evaluate_gives_the_same_numbers_at_any_batch_size_and_device_count(full_run, tmp_path):
     """Exact split metrics: batch size 1, 3 and one batch holding the whole (largest) split, and
     4 devices sharded (the default) and pmapped, agree to float rounding on every metric of every split."""
@@ -143,10 +146,9 @@ def test_evaluate_gives_the_same_numbers_at_any_batch_size_and_device_count(full
                                    rtol=2e-5)
 
 
-def test_collapse_warning_speaks_only_of_tasks_with_targets():
-    from han_jax.train import collapse_warning
-
+def test_collapse_warning_speaks_only_of_watched_tasks_with_targets():
     metrics = {"loss/regime": 0.5, "targets/regime": 10.0, "loss/anomaly": 1e-6, "targets/anomaly": 0.0,
-               "loss/forecast": 2e-4, "targets/forecast": 30.0}
-    assert collapse_warning(metrics) == "COLLAPSE WARNING: task losses below 0.001: forecast=0.000200"
-    assert collapse_warning({**metrics, "loss/forecast": 0.5}) is None
+               "loss/forecast": 2e-4, "targets/forecast": 30.0, "loss/casualty": 1e-5, "targets/casualty": 9.0}
+    # casualty is not one of the tasks the original watched (Task.watch_collapse).
+    assert collapse_warning(metrics, tasks.tasks()) == "COLLAPSE WARNING: task losses below 0.001: forecast=0.000200"
+    assert collapse_warning({**metrics, "loss/forecast": 0.5}, tasks.tasks()) is None

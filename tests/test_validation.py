@@ -8,17 +8,18 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from han_jax import config as configs
-from han_jax.aggregate import init_log_vars
+from han_jax.app.validation import validate_config
 from han_jax.cli import main
-from han_jax.precision import make_loss_scale
-from han_jax.steps import TrainState, current_learning_rate, learning_rate_schedule, make_optimizer, start_epoch
-from han_jax.validation import ConfigError, validate_config
+from han_jax.config import ConfigError
+from han_jax.core.precision import make_loss_scale
+from han_jax.training.schedule import Schedule
+from han_jax.training.spec import StepSpec
+from han_jax.training.steps import TrainState, current_learning_rate, make_optimizer, start_epoch
 
 TINY = ["train", "--preset", "tiny", "--quiet", "--no-tensorboard"]
 
@@ -93,6 +94,7 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
     assert not os.path.exists(run_dir)
 
 
+@pytest.mark.integration
 def test_the_command_line_exits_2_without_a_traceback_and_debug_shows_it(tmp_path):
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "han_jax.cli"]
@@ -139,40 +141,22 @@ def test_a_bad_train_value_is_one_line_naming_it(field, value):
     assert message.startswith((f"train.{field}=", "train.batch_size="))
 
 
-@pytest.mark.parametrize("epochs", [2, 3, 6, 11, 200])
-@pytest.mark.parametrize("warmup", [0, 1, 10])
-def test_schedule_keeps_the_original_curve_from_two_epochs(epochs, warmup):
-    optim = dataclasses.replace(configs.OptimConfig(), warmup_epochs=warmup)
-    ours = learning_rate_schedule(optim, num_epochs=epochs)
-    original = optax.warmup_cosine_decay_schedule(
-        init_value=optim.learning_rate * optim.warmup_start_factor, peak_value=optim.learning_rate,
-        warmup_steps=min(warmup, max(1, epochs - 1)), decay_steps=epochs, end_value=optim.min_lr)
-    assert [float(ours(e)) for e in range(epochs)] == [float(original(e)) for e in range(epochs)]
-
-
-@pytest.mark.parametrize("unit", ["epoch", "step"])
-def test_a_one_epoch_schedule_starts_at_the_learning_rate(unit):
-    optim = dataclasses.replace(configs.small().step.optim, schedule_unit=unit, steps_per_epoch=5)
-    schedule = learning_rate_schedule(optim, num_epochs=1)
-    assert float(schedule(0)) == pytest.approx(optim.learning_rate)
-    rates = [float(schedule(s)) for s in range(6)]  # float32: compare within rounding
-    assert all(optim.min_lr * (1 - 1e-6) <= r <= optim.learning_rate * (1 + 1e-6) for r in rates), rates
-
-
 def test_a_one_epoch_run_builds_its_optimiser_and_updates_at_the_peak_rate():
     """``--epochs 1`` on the tiny preset died building the optimiser (a cosine of length 0). The whole optimiser
-    path of a one-epoch run, without the model compile a full run would add (a full ``han-jax train --preset tiny
-    --epochs 1`` is over a minute on 2 cores)."""
+    path of a one-epoch run, without the model compile a full run would add."""
     config = configs.tiny()
-    config = config.replace(train=dataclasses.replace(config.train, epochs=1))
+    config = config.replace(train=dataclasses.replace(config.train, epochs=1),
+                            model=dataclasses.replace(config.model, daily_sources=configs.SMALL_DAILY_SOURCES,
+                                                      monthly_sources=configs.SMALL_MONTHLY_SOURCES))
     validate_config(config)
+    spec = StepSpec.of(config)
     params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
-    log_vars = init_log_vars(config.step.aggregate.task_names)
-    tx = make_optimizer(config)
+    log_vars = spec.objective.init_log_vars()
+    tx = make_optimizer(spec)
     state = TrainState(step=jnp.int32(0), params=params, log_vars=log_vars,
                        opt_state=tx.init({"model": params, "log_vars": log_vars}),
-                       loss_scale=make_loss_scale(config.step.policy), rng=jax.random.PRNGKey(0))
-    state = start_epoch(state, jnp.int32(0), config=config)
+                       loss_scale=make_loss_scale(spec.policy), rng=jax.random.PRNGKey(0))
+    state = start_epoch(state, jnp.int32(0), Schedule.of(config.step.optim, epochs=1), spec=spec)
     assert float(current_learning_rate(state.opt_state)) == pytest.approx(config.step.optim.learning_rate)
     grads = {"model": jax.tree_util.tree_map(jnp.ones_like, params),
              "log_vars": jax.tree_util.tree_map(jnp.ones_like, log_vars)}

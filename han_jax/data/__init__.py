@@ -23,10 +23,14 @@ from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTar
 __all__ = [
     "COUNT_TRANSFORMS", "Calendar", "DataConfig", "DataError", "DataLayout", "Datasets", "DayTargets",
     "IMPLAUSIBLE_VALUES", "InferenceWindows", "MISSING_VALUE", "MissingFileError", "MonthTargets", "NormStats",
-    "Normalisation", "SourceTable", "SplitData", "World", "build_datasets", "build_inference_windows",
+    "Normalisation", "SOURCES", "SourceTable", "SplitData", "World", "build_datasets", "build_inference_windows",
     "bundled_losses_dir", "check_config", "check_layout", "gather", "iterate_batches", "layout_of",
     "load_losses_world", "make_calendar", "make_synthetic_world", "make_world", "num_batches",
 ]
+
+
+# DataConfig.source's values: where a world comes from.
+SOURCES = ("synthetic", "losses")
 
 
 def make_world(config: DataConfig) -> World:
@@ -41,8 +45,7 @@ def make_world(config: DataConfig) -> World:
             daily_sources=names(config.daily_sources), monthly_sources=names(config.monthly_sources),
         )
     if config.source == "losses":
-        if not config.losses_dir:
-            raise DataError("DataConfig.source='losses' needs losses_dir; expected the directory of the JSON files")
-        return load_losses_world(config.losses_dir, config.monthly_csv_dir,
+        # No folder: the snapshot bundled with the package.
+        return load_losses_world(config.losses_dir or bundled_losses_dir(), config.monthly_csv_dir,
                                  implausible_values=config.implausible_values)
-    raise DataError(f"DataConfig.source={config.source!r}; expected 'synthetic' or 'losses'")
+    raise DataError(f"DataConfig.source={config.source!r}; expected one of {', '.join(map(repr, SOURCES))}")

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from han_jax.batch import Inputs, Targets
+from han_jax.core.batch import Inputs, Targets
 from han_jax.data.splits import SplitData
 from han_jax.data.world import DataError
 
@@ -104,17 +104,6 @@ def _daily_forecast(split: SplitData, anchors, valid):
     return np.concatenate(vals, axis=2).astype(np.float32), np.concatenate(masks, axis=2)
 
 
-def _shard(tree, n: int):
-    import jax
-
-    def f(x):
-        if x is None:
-            return None
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-
-    return jax.tree_util.tree_map(f, tree)
-
-
 def iterate_batches(
     split: SplitData,
     batch_size: int,
@@ -122,21 +111,18 @@ def iterate_batches(
     shuffle: bool = False,
     seed: int = 0,
     epoch: int = 0,
-    num_devices: Optional[int] = None,
     rows: Optional[slice] = None,
 ) -> Iterator[Tuple[Inputs, Targets]]:
     """Yield ``(Inputs, Targets)`` batches of exactly ``batch_size`` rows.
 
     ``shuffle`` permutes rows with a generator seeded by ``(seed, epoch)``, so an
-    epoch's order is reproducible. With ``num_devices=n`` every array gets a
-    leading device axis ``[n, batch_size // n, ...]`` for ``pmap``. With
-    ``rows``, only those rows of each batch are gathered and yielded (one
-    process's share of a global batch: every process draws the same order).
+    epoch's order is reproducible. With ``rows``, only those rows of each batch are
+    gathered and yielded (one process's share of a global batch: every process draws the
+    same order). Laying a batch out for several devices is
+    :mod:`han_jax.training.devices`' job.
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}; expected >= 1")
-    if num_devices is not None and batch_size % num_devices:
-        raise DataError(f"batch_size={batch_size} is not divisible by num_devices={num_devices}")
     n = len(split)
     order = np.arange(n)
     if shuffle:
@@ -150,5 +136,4 @@ def iterate_batches(
             picked = np.concatenate([picked, np.zeros(batch_size - k, np.int64)])
         if rows is not None:
             picked, valid = picked[rows], valid[rows]
-        batch = gather(split, picked, valid)
-        yield _shard(batch, num_devices) if num_devices else batch
+        yield gather(split, picked, valid)

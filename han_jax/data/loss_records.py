@@ -1,6 +1,6 @@
 """Loader for the 2022-Ukraine-Russia-War-Dataset JSON files (real public daily loss data).
 
-(Records of war losses; the training objectives are ``han_jax/losses.py``.)
+(Records of war losses; the training objectives are ``han_jax/tasks/``.)
 
 ``load_losses_world(directory, monthly_csv_dir=None)`` reads
 ``russia_losses_personnel.json`` and ``russia_losses_equipment.json`` and builds

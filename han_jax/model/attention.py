@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.common import Linear, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 Band = Tuple[Optional[int], Optional[int]]
 

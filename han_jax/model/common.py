@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from han_jax.precision import Policy
+from han_jax.core.precision import Policy
 
 LN_EPS = 1e-5
 

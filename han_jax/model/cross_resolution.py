@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import CrossAttention
 from han_jax.model.common import Linear, gelu, layer_norm, normal
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 
 class TemporalAggregator(nn.Module, kw_only=True):

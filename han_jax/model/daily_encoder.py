@@ -6,12 +6,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import combine_masks
 from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, sinusoidal_table, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
 from han_jax.model.stacking import declare_params
 from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
-from han_jax.precision import Policy
 
 
 def soft_compress(x):

@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import MultiheadAttention, combine_masks
 from han_jax.model.common import Conv1d, Linear, embed, gelu, layer_norm, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 
 class TemporalGatePositionalEncoding(nn.Module, kw_only=True):

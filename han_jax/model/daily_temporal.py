@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import MultiheadAttention, combine_masks
 from han_jax.model.common import (
     Conv1d,
@@ -20,7 +21,6 @@ from han_jax.model.common import (
     unmask_first_if_all_masked,
 )
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 
 def local_window_valid(t: int, window: int, causal: bool = True):

@@ -15,13 +15,12 @@ Fused GPU attention kernels draw their dropout masks the same counter-based way
 
 The seed is the key's own words, paired (:func:`key_seed`), not a draw from the key:
 flax's ``make_rng`` already folds each call site into the key, and a further
-``jax.random.bits`` per site was one more generator call (RngBitGenerator, expanded
-by XLA into a called computation of about a hundred instructions) at each of the
-default train step's ~360 dropout sites. Without them the step has 141,928 compiled
-instructions instead of 181,107 and loads from the compilation cache in 9.6 s instead
-of 11.1 s (``benchmarks/README.md``, issue 15 fifth round). Pairing the words inside
-the mask's own fusion keeps the site's identity a run-time operand, so masks of one
-shape still share one compiled kernel.
+``jax.random.bits`` per site would be one more generator call (RngBitGenerator, which
+XLA expands into a called computation of about a hundred instructions) at each of the
+default train step's ~360 dropout sites: a fifth of the compiled step, and of its load
+from the compilation cache (``benchmarks/README.md``). Pairing the words inside the
+mask's own fusion keeps the site's identity a run-time operand, so masks of one shape
+still share one compiled kernel.
 
 The maths is flax's (and torch's) dropout: each element is kept independently with
 probability ``1 - rate`` and kept elements are scaled by ``1 / (1 - rate)``. The keep

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from han_jax.config import ModelConfig
+from han_jax.core.precision import Policy
 from han_jax.model.cross_resolution import CrossResolutionFusion
 from han_jax.model.daily_encoder import DailySourceEncoder, daily_layers_fn
 from han_jax.model.daily_fusion import DailyCrossSourceFusion
@@ -73,7 +74,6 @@ from han_jax.model.monthly_aggregation import MonthlyAggregation
 from han_jax.model.monthly_encoder import MultiSourceMonthlyEncoder
 from han_jax.model.stacking import stack_trees
 from han_jax.model.temporal_encoder import TemporalEncoder
-from han_jax.precision import Policy
 
 
 def observation_density(daily_obs, monthly_obs, bnd):
@@ -97,7 +97,7 @@ _GAIN_SCALE = 30.0  # forecast_residual's gain = 1 + _GAIN_SCALE * parameter (se
 class MultiResolutionHAN(nn.Module, kw_only=True):
     """The original MultiResolutionHAN as a pure Flax module.
 
-    ``__call__(inputs, *, deterministic)`` takes a :class:`han_jax.batch.Inputs`
+    ``__call__(inputs, *, deterministic)`` takes a :class:`han_jax.core.batch.Inputs`
     and returns a flat dict of arrays in ``policy.output_dtype``.
     """
 

@@ -8,10 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, embed, gelu, layer_norm
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 
 class MLPTrunk(nn.Module, kw_only=True):

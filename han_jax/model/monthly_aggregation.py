@@ -7,10 +7,10 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, embed, gelu, layer_norm, normal, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 
 def month_masks(bnd, day_valid, t: int):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import combine_masks
 from han_jax.model.common import layer_norm, sinusoidal_table, unmask_first_if_all_masked
 from han_jax.model.dropout import Dropout
 from han_jax.model.transformer import PreNormEncoderLayer, causal_valid
-from han_jax.precision import Policy
 
 
 class TemporalEncoder(nn.Module, kw_only=True):

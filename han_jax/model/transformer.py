@@ -13,10 +13,10 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from han_jax.core.precision import Policy
 from han_jax.model.attention import Band, MultiheadAttention
 from han_jax.model.common import Linear, gelu, layer_norm
 from han_jax.model.dropout import Dropout
-from han_jax.precision import Policy
 
 
 class PreNormEncoderLayer(nn.Module, kw_only=True):

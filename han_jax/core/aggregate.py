@@ -24,26 +24,18 @@ Deliberate differences from the original:
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from han_jax.config import TASK_NAMES, AggregateConfig
+from han_jax.config import AggregateConfig
 
 Array = jax.Array
 
-# The original's probe-based initial log-variances (MultiTaskLoss.DEFAULT_TASK_PRIORS,
-# used by the trainer with use_task_priors=True).
-DEFAULT_TASK_PRIORS = {
-    "casualty": 1.4,
-    "regime": 1.05,
-    "transition": 1.4,
-    "anomaly": 1.4,
-    "forecast": 1.9,
-    "daily_forecast": 1.4,
-}
+# AggregateConfig.strategy's values.
+STRATEGIES = ("kendall", "equal")
 
 
 @flax.struct.dataclass
@@ -74,28 +66,28 @@ class AggregateInfo:
 
 
 def init_log_vars(
-    task_names=TASK_NAMES,
+    task_priors: Mapping[str, float],
     priors: Union[Mapping[str, float], float, None] = None,
 ) -> dict:
-    """Initial log-variances: the original's priors by default.
+    """Initial log-variances: each task's own prior by default (the original's, ``han_jax.tasks``).
 
     Args:
-      task_names: tasks to create a log-variance for.
-      priors: ``None`` for :data:`DEFAULT_TASK_PRIORS`, a float for every task,
-        or a dict (tasks it lacks start at 0.0, as in the original).
+      task_priors: ``{task: prior}`` of the tasks to create a log-variance for, in order.
+      priors: ``None`` for ``task_priors``, a float for every task, or a dict (tasks it
+        lacks start at 0.0, as in the original).
 
     Returns:
       ``{task: f32 scalar}``.
     """
     if priors is None:
-        priors = DEFAULT_TASK_PRIORS
+        return {t: jnp.float32(p) for t, p in task_priors.items()}
     if isinstance(priors, Mapping):
-        unknown = set(priors) - set(task_names)
-        if unknown and priors is not DEFAULT_TASK_PRIORS:
+        unknown = set(priors) - set(task_priors)
+        if unknown:
             raise ValueError(
-                f"init_log_vars: priors name unknown tasks {sorted(unknown)}; tasks are {list(task_names)}")
-        return {t: jnp.float32(priors.get(t, 0.0)) for t in task_names}
-    return {t: jnp.float32(float(priors)) for t in task_names}
+                f"init_log_vars: priors name unknown tasks {sorted(unknown)}; tasks are {list(task_priors)}")
+        return {t: jnp.float32(priors.get(t, 0.0)) for t in task_priors}
+    return {t: jnp.float32(float(priors)) for t in task_priors}
 
 
 def _torch_clamp(x: Array, lo: float, hi: float) -> Array:
@@ -107,30 +99,34 @@ def aggregate(
     task_losses: Mapping[str, Array],
     log_vars: Mapping[str, Array],
     config: AggregateConfig = AggregateConfig(),
+    *,
+    task_names: Optional[Sequence[str]] = None,
 ) -> tuple[Array, AggregateInfo]:
     """Combines raw task losses into one total.
 
     Args:
       task_losses: ``{task: scalar}`` from ``compute_losses``.
-      log_vars: ``{task: scalar}`` learnable log-variances (every task in
-        ``config.task_names``).
+      log_vars: ``{task: scalar}`` learnable log-variances (every task weighed).
       config: ``strategy="kendall"`` (uncertainty weighting, default) or
         ``"equal"`` (plain mean of the included losses).
+      task_names: the tasks the total weighs, in the order their terms are summed;
+        default ``config.task_names``, else every task of ``task_losses``.
 
     Returns:
       (total, :class:`AggregateInfo`). Excluded tasks (NaN, inf or exactly 0)
       contribute exactly zero, with zero gradient.
     """
-    if config.strategy not in ("kendall", "equal"):
-        raise ValueError(f"AggregateConfig.strategy is {config.strategy!r}; expected 'kendall' or 'equal'")
-    missing = [t for t in config.task_names if t not in log_vars]
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"AggregateConfig.strategy is {config.strategy!r}; expected one of {STRATEGIES}")
+    names = tuple(task_names or config.task_names or task_losses)
+    missing = [t for t in names if t not in log_vars]
     if missing:
         raise ValueError(f"aggregate: log_vars lack tasks {missing}; it has {sorted(log_vars)}")
 
     zero = jnp.float32(0.0)
     data_term = uncertainty_term = raw_sum = n_included = lv_sq_included = zero
     weight, contribution, included, safe_losses = {}, {}, {}, {}
-    for task in config.task_names:
+    for task in names:
         raw_lv = jnp.asarray(log_vars[task], jnp.float32)
         lv = _torch_clamp(raw_lv, -config.log_var_clip, config.log_var_clip)
         precision = jnp.exp(-lv)
@@ -155,7 +151,7 @@ def aggregate(
 
     any_included = n_included > 0
     simple_total = raw_sum / jnp.maximum(n_included, 1.0)
-    all_lv_sq = sum(jnp.square(jnp.asarray(log_vars[t], jnp.float32)) for t in config.task_names)
+    all_lv_sq = sum(jnp.square(jnp.asarray(log_vars[t], jnp.float32)) for t in names)
     empty = config.empty_reg * all_lv_sq
 
     if config.strategy == "kendall":

@@ -1,15 +1,16 @@
 """``validate_config``: every check of a :class:`~han_jax.config.Config` that needs no data, run first.
 
-A bad value used to surface late and far from its cause: ``--batch-size 0`` as a
-``ZeroDivisionError``, ``--epochs 0`` as a crash on a ``None`` state after training,
-``--devices 3`` with batch 8 after 90 s of compiling. :func:`validate_config` runs
-before any data is built or anything is compiled, and fails with one
-:class:`ConfigError` whose message is one line: the field, its value and what was
-expected (``train.batch_size=0: expected an integer >= 1``), so the command line can
-print it without a traceback.
+A bad value would otherwise surface late and far from its cause (``--batch-size 0`` as a
+division by zero, ``--devices 3`` with batch 8 after a minute of compiling).
+:func:`validate_config` runs before any data is built or anything is compiled, and fails
+with one :class:`~han_jax.config.ConfigError` whose message is one line: the field, its
+value and what was expected (``train.batch_size=0: expected an integer >= 1``), so the
+command line can print it without a traceback.
 
-The data section's own checks live with the data (``han_jax.data.pipeline.check_config``
-and the synthetic world's ``resolve_spec``) and are called from here, not repeated.
+Each rule is written once, by its owner, and called or imported from here: the data
+section's checks (``han_jax.data.check_config``, the synthetic world's ``resolve_spec``),
+the allowed values of the aggregate, the schedule, the device layouts and the random
+number generator, the batch's divisibility among the devices, the registered tasks.
 Checks that need the data itself (a window longer than the data, a split with no
 anchor) stay in ``build_datasets``: they raise a one-line ``DataError``, still
 before anything is compiled.
@@ -22,11 +23,12 @@ import math
 import numbers
 from typing import Any, Iterable, NoReturn, Optional
 
+from han_jax import tasks
 from han_jax.config import (
     N_PHASES,
-    TASK_NAMES,
     AggregateConfig,
     Config,
+    ConfigError,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -34,21 +36,13 @@ from han_jax.config import (
     RegularizationConfig,
     TrainConfig,
 )
-from han_jax.data.pipeline import check_config
+from han_jax.core.aggregate import STRATEGIES
+from han_jax.core.precision import Policy
+from han_jax.data import SOURCES, DataError, check_config
 from han_jax.data.synthetic import resolve_spec
-from han_jax.data.world import DataError
-from han_jax.precision import Policy
-
-# jax.random.key's implementations (StepConfig.rng_impl).
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-AGGREGATE_STRATEGIES = ("kendall", "equal")
-SCHEDULE_UNITS = ("epoch", "step")
-DATA_SOURCES = ("synthetic", "losses")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot run. The message is one line naming the field, the value and what
-    was expected, so a command can print it as it is."""
+from han_jax.training.devices import PARALLEL_KINDS, check_batch
+from han_jax.training.schedule import SCHEDULE_UNITS
+from han_jax.training.steps import RNG_IMPLS
 
 
 def _fail(field: str, value: Any, expected: str) -> NoReturn:
@@ -91,16 +85,6 @@ def _check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         _fail(field, value, f"one of {', '.join(repr(c) for c in choices)}")
-
-
-def check_batching(batch_size: Any, num_devices: Any, *, batch_field: str = "train.batch_size",
-                   devices_field: str = "train.num_devices") -> None:
-    """Rows per step and devices: both >= 1, and every device gets the same number of rows (pmap shards evenly)."""
-    check_int(batch_field, batch_size)
-    check_int(devices_field, num_devices)
-    if batch_size % num_devices:
-        _fail(batch_field, batch_size, f"a multiple of {devices_field}={num_devices} (each device takes an equal "
-                                       "share of a batch)")
 
 
 def _check_layout(field: str, layout: Any, *, allow_counts: bool, allow_none: bool) -> None:
@@ -146,8 +130,9 @@ def _check_model(m: ModelConfig) -> None:
         _check_bool(f"model.{name}", getattr(m, name))
     if m.vmap_sources is not None:
         _check_bool("model.vmap_sources", m.vmap_sources)
-    _check_layout("model.daily_sources", m.daily_sources, allow_counts=False, allow_none=False)
-    _check_layout("model.monthly_sources", m.monthly_sources, allow_counts=False, allow_none=False)
+    # None: the model takes the data's layout (Resolved); a layout given must be the data's.
+    _check_layout("model.daily_sources", m.daily_sources, allow_counts=False, allow_none=True)
+    _check_layout("model.monthly_sources", m.monthly_sources, allow_counts=False, allow_none=True)
 
 
 def _check_data(d: DataConfig, model: ModelConfig) -> None:
@@ -156,7 +141,7 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
         check_config(d)
     except DataError as e:
         raise ConfigError(str(e)) from e
-    _check_choice("data.source", d.source, DATA_SOURCES)
+    _check_choice("data.source", d.source, SOURCES)
     start = _check_date("data.start_date", d.start_date)
     if d.source == "synthetic":
         if d.n_days is not None:
@@ -166,8 +151,8 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
                          daily_sources=None, monthly_sources=None)
         except DataError as e:
             raise ConfigError(f"data: {e}") from e
-    elif not d.losses_dir:
-        _fail("data.losses_dir", d.losses_dir, "the directory of the loss records with data.source='losses'")
+    elif d.losses_dir is not None and not (isinstance(d.losses_dir, str) and d.losses_dir):
+        _fail("data.losses_dir", d.losses_dir, "the directory of the loss records, or none for the bundled snapshot")
     if d.end_date is not None and _check_date("data.end_date", d.end_date) < start:
         _fail("data.end_date", d.end_date, f"a date after data.start_date={d.start_date!r}")
     _check_layout("data.daily_sources", d.daily_sources, allow_counts=True, allow_none=True)
@@ -214,11 +199,12 @@ def _check_loss(loss: LossConfig, model: ModelConfig) -> None:
 
 
 def _check_aggregate(agg: AggregateConfig) -> None:
-    names = agg.task_names
-    if (not isinstance(names, tuple) or not names or len(set(names)) != len(names)
-            or any(n not in TASK_NAMES for n in names)):
-        _fail("step.aggregate.task_names", names, f"a non-empty list of distinct tasks among {', '.join(TASK_NAMES)}")
-    _check_choice("step.aggregate.strategy", agg.strategy, AGGREGATE_STRATEGIES)
+    names, known = agg.task_names, tasks.names()
+    if names is not None and (not isinstance(names, tuple) or not names or len(set(names)) != len(names)
+                              or any(n not in known for n in names)):
+        _fail("step.aggregate.task_names", names, f"none (every task), or a non-empty list of distinct tasks among "
+                                                  f"{', '.join(known)}")
+    _check_choice("step.aggregate.strategy", agg.strategy, STRATEGIES)
     check_number("step.aggregate.log_var_clip", agg.log_var_clip, low=0.0, low_open=True)
     check_number("step.aggregate.max_task_loss", agg.max_task_loss, low=0.0, low_open=True)
     check_number("step.aggregate.log_var_reg", agg.log_var_reg, low=0.0)
@@ -233,11 +219,10 @@ def _check_optim(o: OptimConfig) -> None:
         _fail(f"{p}.min_lr", o.min_lr, f"at most {p}.learning_rate={o.learning_rate:g} (the cosine decays to it)")
     check_number(f"{p}.weight_decay", o.weight_decay, low=0.0)
     # Any warmup length runs: the schedule shortens a warmup that leaves no epoch to decay over
-    # (han_jax.steps.learning_rate_schedule).
+    # (han_jax.training.schedule.Schedule.of).
     check_int(f"{p}.warmup_epochs", o.warmup_epochs, minimum=0)
     check_number(f"{p}.warmup_start_factor", o.warmup_start_factor, low=0.0, high=1.0)
     _check_choice(f"{p}.schedule_unit", o.schedule_unit, SCHEDULE_UNITS)
-    check_int(f"{p}.steps_per_epoch", o.steps_per_epoch)
     check_number(f"{p}.max_grad_norm", o.max_grad_norm, low=0.0, low_open=True)
     check_int(f"{p}.accumulation_steps", o.accumulation_steps)
     check_number(f"{p}.log_var_lr_multiplier", o.log_var_lr_multiplier, low=0.0)
@@ -260,9 +245,10 @@ def _check_train(t: TrainConfig) -> None:
     check_int("train.epochs", t.epochs)
     check_int("train.patience", t.patience)
     check_int("train.seed", t.seed, minimum=0)
-    check_batching(t.batch_size, t.num_devices)
-    if t.parallel not in ("sharded", "pmap"):
-        _fail("train.parallel", t.parallel, "'sharded' or 'pmap'")
+    check_int("train.batch_size", t.batch_size)
+    check_int("train.num_devices", t.num_devices)
+    check_batch(t.batch_size, t.num_devices)
+    _check_choice("train.parallel", t.parallel, PARALLEL_KINDS)
     for name in ("score_test_each_epoch", "tensorboard"):
         _check_bool(f"train.{name}", getattr(t, name))
 

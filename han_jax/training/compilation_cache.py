@@ -13,14 +13,14 @@ The folder may be deleted at any time; JAX keys each entry by the program,
 the backend and the XLA flags, so a stale entry is never used.
 
 JAX's own cache is keyed by the lowered program, so a warm start still traces
-and lowers every step in Python (about 12 s for the small model's train step
-and 18 s for the default's on 2 CPU cores), and traces ``model.init`` again.
-:func:`persistent` goes one step further for han-jax's own jitted functions:
-it stores each compiled executable (``jax.experimental.serialize_executable``)
-in ``executables/`` under the same folder, keyed by everything the program is
-made from (function name, configuration, argument shapes, dtypes and
-shardings, han-jax's source, the JAX and jaxlib versions, the devices and
-the XLA flags), and a warm start loads it without tracing. Entries are
+and lowers every step in Python (seconds for the default model's train step)
+and traces ``model.init`` again. :func:`persistent` goes one step further for
+han-jax's own jitted functions: it stores each compiled executable
+(``jax.experimental.serialize_executable``) in ``executables/`` under the same
+folder, keyed by everything the program is made from (function name, step
+specification, argument shapes, dtypes and shardings, han-jax's source, the JAX
+and jaxlib versions, the devices and the XLA flags), and a warm start loads it
+without tracing. Entries are
 written whole (to a temporary name, then renamed), and one that fails to load
 is reported on stderr and compiled again. Like JAX's own cache, an entry is a
 pickle: it is only ever read from the user's own cache folder.
@@ -33,8 +33,9 @@ import hashlib
 import os
 import pickle
 import sys
-import tempfile
 from typing import Any, Callable, Optional
+
+from han_jax.core.files import atomic_write
 
 ENV = "HAN_JAX_COMPILATION_CACHE"
 _OFF = ("", "off", "none", "0", "false")
@@ -88,7 +89,7 @@ def set_executable_dir(path: Optional[str]) -> None:
 @functools.lru_cache(maxsize=1)
 def source_fingerprint() -> str:
     """A hash of every han-jax source file: an edited model or step never loads an old executable."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # han_jax/, above training/
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(package):
         dirs.sort()
@@ -202,7 +203,7 @@ class PersistentFunction:
             print(f"han-jax: {self._name} cannot be stored in the executable cache "
                   f"({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
             return compiled
-        _write_whole(folder, path, blob)
+        _write_whole(path, blob)
         return compiled
 
 
@@ -247,7 +248,7 @@ def _load(path: str):
 @functools.lru_cache(maxsize=1)
 def _loader():
     # One background thread: XLA releases the GIL while it loads, so a load overlaps the caller's own work
-    # (measured: the small model's init and train-step executables load in 9.3 s side by side, 12.2 s in turn).
+    # (the small model's init and train-step executables load faster side by side than in turn).
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="han-jax-executables")
@@ -260,18 +261,11 @@ def prefetch(*functions) -> None:
             fn.prefetch()
 
 
-def _write_whole(folder: str, path: str, blob: bytes) -> None:
-    """Writes ``blob`` to ``path`` through a temporary file and a rename: never a half-written entry."""
-    tmp = None
+def _write_whole(path: str, blob: bytes) -> None:
+    """Writes ``blob`` to ``path`` whole and readable by its owner only; a failure costs the next start a compile."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)  # a full or read-only disk costs the next start a compile, nothing more
+        atomic_write(path, lambda f: f.write(blob), binary=True, mode=0o600)
+    except OSError as e:  # a full or read-only disk costs the next start a compile, nothing more
         print(f"han-jax: could not store {path} ({e.strerror}); the next start compiles it again",
               file=sys.stderr)
 
@@ -280,7 +274,7 @@ def persistent(jitted: Callable, name: str, key: Any, *, without_store: Optional
                ) -> PersistentFunction:
     """``jitted`` with its compiled executables stored across processes under (``name``, ``key``, arguments).
 
-    ``key`` must identify everything the function closes over (for han-jax's steps: the configuration),
+    ``key`` must identify everything the function closes over (for han-jax's steps: the step specification),
     and its ``repr`` must be stable between processes. ``without_store`` (default ``jitted``) is what a
     call runs when nothing is stored, e.g. the eager function where a compile per configuration would
     cost more than it saves.

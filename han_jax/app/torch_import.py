@@ -54,10 +54,19 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from han_jax.config import TASK_NAMES, ModelConfig
+from han_jax import tasks
+from han_jax.app.run_folder import lock_run_dir
+from han_jax.app.runs import prepare, write_run_folder
+from han_jax.config import ConfigError, ModelConfig
+from han_jax.core.precision import make_loss_scale
+from han_jax.model import MultiResolutionHAN
 from han_jax.model.common import sinusoidal_table
+from han_jax.testing import random_batch
+from han_jax.training.spec import StepSpec
+from han_jax.training.steps import TrainState, init_optimizer
 
 TORCH_INSTALL_HINT = (
     'reading a PyTorch checkpoint needs torch, an optional dependency of han-jax: pip install -e ".[torch]" '
@@ -376,9 +385,6 @@ def _layout(cfg: ModelConfig) -> tuple[_Param | _Buffer, ...]:
 @functools.lru_cache(maxsize=16)
 def _flax_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every leaf of ``MultiResolutionHAN(cfg)``'s params, from ``jax.eval_shape`` of init."""
-    from han_jax.model import MultiResolutionHAN
-    from han_jax.testing import random_batch
-
     # Any window the model accepts gives the same parameter shapes; keep it short.
     inputs, _ = random_batch(cfg, b=1, t=min(32, cfg.max_daily_len), m=min(2, cfg.max_months))
     model = MultiResolutionHAN(config=cfg)
@@ -412,13 +418,13 @@ def _checked_layout(cfg: ModelConfig) -> tuple[tuple[_Param | _Buffer, ...], dic
     torch_names = [e.torch_name for e in layout]
     flax_paths = [e.flax_path for e in layout if isinstance(e, _Param)]
     if len(set(torch_names)) != len(torch_names) or len(set(flax_paths)) != len(flax_paths):
-        raise RuntimeError("han_jax.torch_import: the mapping table names a torch key or a Flax leaf twice")
+        raise RuntimeError("han_jax.app.torch_import: the mapping table names a torch key or a Flax leaf twice")
     uncovered = sorted("/".join(p) for p in set(shapes) - set(flax_paths))
     unknown = sorted("/".join(p) for p in set(flax_paths) - set(shapes))
     if uncovered or unknown:
         # A model change without a matching mapping change: a bug here, not in the checkpoint.
         raise RuntimeError(
-            "han_jax.torch_import: the mapping table and MultiResolutionHAN's parameters disagree; "
+            "han_jax.app.torch_import: the mapping table and MultiResolutionHAN's parameters disagree; "
             f"leaves with no torch key: {_listing(uncovered)}; table paths the model lacks: {_listing(unknown)}"
         )
     return layout, shapes
@@ -726,7 +732,7 @@ def log_vars_from_loss_state(loss_state: Mapping[str, Any]) -> tuple[Optional[di
       ``0.5 exp(-lv) L + 0.5 lv`` (half the objective; han-jax also clips
       ``lv`` to [-2, 2] and adds its regulariser); kind ``"softplus_kendall"``.
 
-    The original's task names are han-jax's (``config.TASK_NAMES``).
+    The original's task names are han-jax's (``han_jax.tasks.names()``).
 
     Returns:
       ``(log_vars, kind)``: ``{task: float}`` for the tasks the state holds
@@ -746,9 +752,10 @@ def log_vars_from_loss_state(loss_state: Mapping[str, Any]) -> tuple[Optional[di
             "(raw_scales.<task>, base_loss.raw_scales.<task>)", unexpected=sorted(loss_state))
     kind = layouts[prefix]
     values = {k[len(prefix):]: float(_as_numpy(v).reshape(())) for k, v in loss_state.items()}
-    unknown = sorted(t for t in values if t not in TASK_NAMES)
+    unknown = sorted(t for t in values if t not in tasks.names())
     if unknown:
-        raise CheckpointMismatch(f"multi_task_loss_state_dict: unknown task(s); han-jax's tasks are {list(TASK_NAMES)}",
+        raise CheckpointMismatch(f"multi_task_loss_state_dict: unknown task(s); han-jax's tasks are "
+                                 f"{list(tasks.names())}",
                                  unexpected=[f"{prefix}{t}" for t in unknown])
     if kind == "softplus_kendall":
         values = {t: float(np.logaddexp(0.0, v)) for t, v in values.items()}  # softplus, stable for large raw
@@ -914,41 +921,42 @@ def read_torch_checkpoint(path: str, *, trust_pickle: bool = False, strict_loss_
 # ---------------------------------------------------------------------------
 
 
-def imported_log_vars(checkpoint: TorchCheckpoint, task_names: Sequence[str], priors=None) -> tuple[dict, list]:
+def imported_log_vars(checkpoint: TorchCheckpoint, defaults: Mapping[str, Any]) -> tuple[dict, list]:
     """han-jax's ``{task: log-variance}`` from the checkpoint, and report lines.
 
-    Tasks the checkpoint has no log-variance for keep han-jax's prior (and say
-    so); a checkpoint task han-jax does not know is an error, never dropped.
-    """
-    from han_jax.aggregate import init_log_vars
+    Args:
+      checkpoint: the read checkpoint.
+      defaults: the run's initial log-variances (``Objective.init_log_vars``), one per weighted task.
 
-    log_vars = {k: np.asarray(v, np.float32) for k, v in init_log_vars(task_names, priors).items()}
+    Tasks the checkpoint has no log-variance for keep their prior (and say so); a checkpoint
+    task han-jax does not weigh is an error, never dropped.
+    """
+    log_vars = {k: np.asarray(v, np.float32) for k, v in defaults.items()}
     if checkpoint.log_vars is None:
         return log_vars, ["log-variances: the checkpoint has no multi_task_loss_state_dict; han-jax's priors kept"]
-    unknown = sorted(set(checkpoint.log_vars) - set(task_names))
+    unknown = sorted(set(checkpoint.log_vars) - set(log_vars))
     if unknown:
         raise CheckpointMismatch("multi_task_loss_state_dict", unexpected=[f"log_vars.{t}" for t in unknown])
     for task, value in checkpoint.log_vars.items():
         log_vars[task] = np.asarray(value, np.float32)
-    kept = [t for t in task_names if t not in checkpoint.log_vars]
+    kept = [t for t in log_vars if t not in checkpoint.log_vars]
     lines = [f"log-variances ({checkpoint.loss_kind}): " + ", ".join(
-        f"{t}={float(checkpoint.log_vars[t]):.4f}" for t in task_names if t in checkpoint.log_vars)]
+        f"{t}={float(checkpoint.log_vars[t]):.4f}" for t in log_vars if t in checkpoint.log_vars)]
     if kept:
         lines.append(f"log-variances: none in the checkpoint for {kept}; han-jax's priors kept")
     return log_vars, lines
 
 
 def import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log=print):
-    """Writes a run folder (``han_jax.runs.write_run_folder``) holding the checkpoint's weights.
+    """Writes a run folder (:func:`han_jax.app.runs.write_run_folder`) holding the checkpoint's weights.
 
-    The model configuration is inferred from the weights
-    (:meth:`TorchCheckpoint.model_config`, ``config.model`` supplying what
-    they do not fix); the data named by ``config.data`` must have the same
-    sources and feature counts, and its training split gives the normalisation
-    (the original fits its z-scores on its training split the same way).
-    Nothing about the weights is changed: ``evaluate`` and ``predict`` then
-    score the original's model through han-jax's shared path. The folder's
-    lock (:func:`han_jax.runs.lock_run_dir`) is held throughout.
+    The model configuration is inferred from the weights (:meth:`TorchCheckpoint.model_config`,
+    ``config.model`` supplying what they do not fix); the data named by ``config.data`` must
+    have the same sources and feature counts, and its training split gives the normalisation
+    (the original fits its z-scores on its training split the same way). Nothing about the
+    weights is changed: ``evaluate`` and ``predict`` then score the original's model through
+    han-jax's shared path. The folder's lock (:func:`han_jax.app.run_folder.lock_run_dir`) is
+    held throughout.
 
     Args:
       checkpoint: a read checkpoint (:func:`read_torch_checkpoint`).
@@ -957,26 +965,18 @@ def import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log=print):
       log: where report lines go.
 
     Returns:
-      The run's resolved configuration.
+      The run's :class:`~han_jax.training.spec.StepSpec`.
 
     Raises:
-      CheckpointMismatch: the weights do not fit the inferred model, or the
-        data's layout differs from the checkpoint's (the message names it).
+      CheckpointMismatch: the weights do not fit the inferred model, or the data's layout
+        differs from the checkpoint's (the message names it).
     """
-    from han_jax.runs import lock_run_dir
-
     with lock_run_dir(run_dir, "han-jax import-torch"):
         return _import_run(checkpoint, run_dir, config, log=log)
 
 
 def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
     """:func:`import_run`'s body, run while holding the folder's lock."""
-    import jax.numpy as jnp
-
-    from han_jax.precision import make_loss_scale
-    from han_jax.runs import prepare, write_run_folder
-    from han_jax.steps import TrainState, init_optimizer
-
     # The original's heads (no residual forecast, no daily state in the regime head), whatever the preset says.
     model = dataclasses.replace(checkpoint.model_config(base=config.model), forecast_residual=False,
                                 regime_daily_state=False)
@@ -985,14 +985,15 @@ def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
         data = dataclasses.replace(data, daily_sources=model.daily_sources, monthly_sources=model.monthly_sources)
     else:
         data = dataclasses.replace(data, daily_sources=model.daily_sources)
-    datasets, resolved = prepare(config.replace(model=model, data=data), log=lambda line: log(line))
-    for kind in ("daily_sources", "monthly_sources"):
-        want, got = getattr(model, kind), getattr(resolved.model, kind)
-        if tuple(want) != tuple(got):
-            raise CheckpointMismatch(
-                f"data layout: the checkpoint's {kind} are {list(want)}; the data gives {list(got)}")
-    params = jax.tree_util.tree_map(jnp.asarray, checkpoint.params(resolved.model))
-    log_vars, lines = imported_log_vars(checkpoint, resolved.step.aggregate.task_names, resolved.step.log_var_priors)
+    # The model's layout is checked against the data's as any user-given layout is (Resolved.model).
+    config = config.replace(model=model, data=data)
+    try:
+        datasets, resolved = prepare(config, log=log)
+    except ConfigError as e:
+        raise CheckpointMismatch(f"data layout: the checkpoint's model does not fit the data: {e}") from None
+    spec = StepSpec.of(config, resolved)
+    params = jax.tree_util.tree_map(jnp.asarray, checkpoint.params(spec.model))
+    log_vars, lines = imported_log_vars(checkpoint, spec.objective.init_log_vars(config.step.log_var_priors))
     for line in lines:
         log(line)
     log_vars = {k: jnp.asarray(v) for k, v in log_vars.items()}
@@ -1000,17 +1001,17 @@ def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
         step=jnp.int32(0),
         params=params,
         log_vars=log_vars,
-        opt_state=init_optimizer(resolved, params, log_vars),
-        loss_scale=make_loss_scale(resolved.step.policy),
-        rng=jax.random.split(jax.random.PRNGKey(resolved.train.seed))[1],
+        opt_state=init_optimizer(spec, params, log_vars),
+        loss_scale=make_loss_scale(spec.policy),
+        rng=jax.random.split(jax.random.PRNGKey(config.train.seed))[1],
     )
     meta = {"epoch": 0, "imported_from": os.path.abspath(checkpoint.path), "original_epoch": checkpoint.epoch,
             "original_best_val_loss": checkpoint.best_val_loss, "loss_kind": checkpoint.loss_kind,
             "not_imported": list(checkpoint.not_imported)}
-    write_run_folder(run_dir, resolved, state, datasets.normalisation, datasets.layout, meta=meta)
+    write_run_folder(run_dir, config, resolved, state, datasets.normalisation, datasets.layout, meta=meta)
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     log(f"imported {len(checkpoint.state_dict)} tensors ({n:,} parameters) from {checkpoint.path} into {run_dir}")
     if checkpoint.not_imported:
         log("not imported (torch optimiser state; han-jax starts a fresh optax state): "
             f"{list(checkpoint.not_imported)}")
-    return resolved
+    return spec

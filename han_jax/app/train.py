@@ -1,10 +1,9 @@
 """The training loop: data, model, state, epochs, early stopping, orbax checkpoints, reports.
 
-Every phase runs through the steps of :mod:`han_jax.steps` and every epoch
-metric through :class:`~han_jax.metrics.MetricAccumulator`, so train,
-validation and test report the same keys, computed the same way. The test
-split is also scored every epoch, for the plot only: model selection reads
-validation alone.
+Every phase runs through the steps of :mod:`han_jax.training.steps` and every epoch metric
+through :mod:`han_jax.training.accumulate`, so train, validation and test report the same
+keys, computed the same way. The test split is also scored every epoch, for the plot only:
+model selection reads validation alone.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ import time
 from typing import Optional, Sequence
 
 import jax
+from tqdm import tqdm
 
-from han_jax.compilation_cache import prefetch
-from han_jax.config import TASK_NAMES, Config, config_to_dict
-from han_jax.data import iterate_batches, num_batches
-from han_jax.evaluate import (
+from han_jax.app.evaluate import (
     evaluate_split,
     fallback_tasks,
     metrics_table,
@@ -30,65 +27,68 @@ from han_jax.evaluate import (
     split_baselines,
     with_baselines,
 )
-from han_jax.metrics import MetricAccumulator
-from han_jax.parallel import Parallel, is_primary, make_parallel
-from han_jax.predict import concat_tables, plot_forecast, prediction_table
-from han_jax.runs import (
+from han_jax.app.predict import concat_tables, plot_forecast, prediction_table
+from han_jax.app.run_folder import (
     CONFIG_FILE,
-    Checkpoints,
-    atomic_write,
     check_resume_config,
-    checkpoint_epoch,
     lock_run_dir,
-    prepare,
     read_run_config,
-    write_json,
     write_run_description,
 )
-from han_jax.steps import create_train_state
-from han_jax.summaries import open_writer, write_scalars
-from han_jax.validation import validate_config
+from han_jax.app.runs import prepare
+from han_jax.app.summaries import open_writer, write_scalars
+from han_jax.app.validation import validate_config
+from han_jax.config import Config, config_to_dict
+from han_jax.core.files import atomic_write, write_json
+from han_jax.data import iterate_batches, num_batches
+from han_jax.training.accumulate import EpochAccumulator
+from han_jax.training.checkpoints import Checkpoints, checkpoint_epoch
+from han_jax.training.devices import Devices, make_devices
+from han_jax.training.distributed import is_primary
+from han_jax.training.schedule import Schedule
+from han_jax.training.spec import StepSpec
+from han_jax.training.steps import create_train_state
 
 COLLAPSE_THRESHOLD = 1e-3
-COLLAPSE_TASKS = ("regime", "anomaly", "forecast")  # the tasks the original watched
 
 
-def collapse_warning(metrics: dict) -> Optional[str]:
-    """The original's collapse warning, for the tasks it watched that had targets.
+def collapse_warning(metrics: dict, tasks) -> Optional[str]:
+    """The original's collapse warning, for the tasks it watched (``Task.watch_collapse``) that had targets.
 
     A task without any target row is scored by the original's tiny fallback
     regulariser, small by design: its loss says nothing about collapse.
     """
-    collapsed = [f"{t}={metrics[f'loss/{t}']:.6f}" for t in COLLAPSE_TASKS
-                 if f"loss/{t}" in metrics and (metrics.get(f"targets/{t}") or 0) > 0
-                 and metrics[f"loss/{t}"] < COLLAPSE_THRESHOLD]
+    collapsed = [f"{t.name}={metrics[f'loss/{t.name}']:.6f}" for t in tasks
+                 if t.watch_collapse and f"loss/{t.name}" in metrics
+                 and (metrics.get(f"targets/{t.name}") or 0) > 0 and metrics[f"loss/{t.name}"] < COLLAPSE_THRESHOLD]
     return f"COLLAPSE WARNING: task losses below {COLLAPSE_THRESHOLD}: {', '.join(collapsed)}" if collapsed else None
 
 
-def train_epoch(step_fn, state, split, batch_size: int, *, parallel: Parallel, seed: int, epoch: int,
+def train_epoch(steps, state, split, batch_size: int, *, spec: StepSpec, devices: Devices, seed: int, epoch: int,
                 progress=None):
-    """One shuffled pass of ``train_step`` over the training split.
+    """One shuffled pass of the train step over the training split.
 
     Returns:
-      (state, metrics, wall seconds). The metrics are the row-weighted means of
-      the per-batch numbers (:class:`~han_jax.metrics.MetricAccumulator`): the
-      per-batch objective is what training optimises, as in the original. Exact
-      whole-split numbers come from :func:`han_jax.evaluate.evaluate_split`.
+      (state, metrics, wall seconds): :class:`~han_jax.training.accumulate.EpochAccumulator`'s
+      numbers, the exact metrics of the train steps' statistics with the losses and totals
+      as row-weighted means of the per-batch values (what training optimises, as in the
+      original).
     """
-    acc = MetricAccumulator()
+    acc = EpochAccumulator()
     start = time.perf_counter()
-    for inputs, targets in parallel.batches(split, batch_size, shuffle=True, seed=seed, epoch=epoch):
-        state, metrics = step_fn(state, inputs, targets)
-        acc.update(metrics, device_axis=parallel.device_axis)
+    for inputs, targets in devices.batches(split, batch_size, shuffle=True, seed=seed, epoch=epoch):
+        state, out = steps.train(state, inputs, targets)
+        acc.update(out.metrics, out.statistics, device_axis=devices.device_axis)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{float(parallel.first(metrics)['weighted_total']):.4f}")
-    return state, acc.result(), time.perf_counter() - start
+            progress.set_postfix(loss=f"{float(devices.first(out.metrics)['weighted_total']):.4f}")
+    return state, acc.result(devices.first(state.log_vars), spec.objective), time.perf_counter() - start
 
 
-def _epoch_line(epoch, train_m, val_m, best_marker) -> str:
-    raw = ", ".join(f"{t}:{train_m[f'loss/{t}']:.4f}" for t in TASK_NAMES if f"loss/{t}" in train_m)
-    weights = ", ".join(f"{t}:{train_m[f'weight/{t}']:.3f}" for t in TASK_NAMES if f"weight/{t}" in train_m)
+def _epoch_line(epoch, train_m, val_m, best_marker, tasks) -> str:
+    names = [t.name for t in tasks]
+    raw = ", ".join(f"{t}:{train_m[f'loss/{t}']:.4f}" for t in names if f"loss/{t}" in train_m)
+    weights = ", ".join(f"{t}:{train_m[f'weight/{t}']:.3f}" for t in names if f"weight/{t}" in train_m)
     return (
         f"Epoch {epoch:3d}: train_loss={train_m['weighted_total']:.4f}, val_loss={val_m['weighted_total']:.4f} "
         f"(simple: train={train_m['simple_total']:.4f}, val={val_m['simple_total']:.4f}), "
@@ -101,38 +101,37 @@ def train(config: Config, run_dir: str, *, resume: bool = False, resume_override
           quiet: bool = False, log=print, stop_after_epoch: Optional[int] = None) -> dict:
     """Trains, early-stops on validation ``weighted_total``, scores the best state on every split.
 
-    Writes into ``run_dir``: ``config.json``, ``norm_stats.npz`` and ``layout.json``
-    (what :func:`han_jax.runs.load_run` needs to predict on new data),
+    Writes into ``run_dir``: ``config.json``, ``resolved.json``, ``norm_stats.npz`` and
+    ``layout.json`` (what :func:`han_jax.app.runs.load_run` needs to predict on new data),
     ``metrics.jsonl`` (one line per epoch and phase, the same keys in every phase),
     ``tensorboard/`` (the same scalars, when tensorboardX is installed and
-    ``TrainConfig.tensorboard`` is on), ``summary.json``, ``curves.png``, and from the
-    final scoring of the best checkpoint ``predictions.csv`` (every split's rows,
-    :mod:`han_jax.predict`) and ``forecast.png``; checkpoints go to
-    ``run_dir/checkpoints/{latest,best}``. Every file but ``metrics.jsonl`` (appended
-    an epoch at a time, cut back on resume) is replaced atomically.
+    ``TrainConfig.tensorboard`` is on), ``summary.json``, ``curves.png``, and from the final
+    scoring of the best checkpoint ``predictions.csv`` (every split's rows,
+    :mod:`han_jax.app.predict`) and ``forecast.png``; checkpoints go to
+    ``run_dir/checkpoints/{latest,best}``. Every file but ``metrics.jsonl`` (appended an
+    epoch at a time, cut back on resume) is replaced atomically.
 
-    The run holds the folder's lock (:func:`han_jax.runs.lock_run_dir`) from
-    before its first write to its end; another writer fails at once with
-    :class:`han_jax.runs.RunLocked`. With ``resume``, the folder's
-    ``config.json`` must match ``config`` but for the fields
-    :func:`han_jax.runs.check_resume_config` allows and those named in
+    The run holds the folder's lock (:func:`han_jax.app.run_folder.lock_run_dir`) from before
+    its first write to its end; another writer fails at once with ``RunLocked``. With
+    ``resume``, the folder's ``config.json`` must match ``config`` but for the fields
+    :func:`han_jax.app.run_folder.check_resume_config` allows and those named in
     ``resume_overrides``; the folder is not changed before that check passes.
     """
     # Nothing is written and nothing compiled until the configuration and the data are known good: a bad
     # value fails here in one line (ConfigError / DataError), leaving no half-made run folder behind.
     validate_config(config)
-    parallel = make_parallel(config.train)
+    devices = make_devices(config.train.num_devices, config.train.parallel)
     # The devices' rows of a batch, checked now (one contiguous block per process), before the data is built.
-    parallel.process_rows(config.train.batch_size)
+    devices.process_rows(config.train.batch_size)
     # In a multi-process run process 0 writes the folder's files and holds its lock; the others only read it
     # and take part in the collective checkpoint saves.
     lock = lock_run_dir(run_dir, "han-jax train") if is_primary() else contextlib.nullcontext()
     with lock:
-        return _train(config, run_dir, parallel, resume=resume, resume_overrides=resume_overrides, quiet=quiet, log=log,
+        return _train(config, run_dir, devices, resume=resume, resume_overrides=resume_overrides, quiet=quiet, log=log,
                       stop_after_epoch=stop_after_epoch)
 
 
-def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, resume_overrides: Sequence[str],
+def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resume_overrides: Sequence[str],
            quiet: bool, log, stop_after_epoch: Optional[int]) -> dict:
     """:func:`train`'s body, run while holding the folder's lock."""
     tc = config.train
@@ -146,35 +145,38 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
     primary = is_primary()
     if not primary:
         log = _silent
-    saved = read_run_config(run_dir) if resume else None
-    log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
-    datasets, config = prepare(config, log=log)
     if resume:
+        saved, _ = read_run_config(run_dir)
         changed = check_resume_config(saved, config, resume_overrides, where=os.path.join(run_dir, CONFIG_FILE))
         if changed:
             log(f"resume: configuration changed in {', '.join(changed)}")
-    # The configuration the steps ran with (the model layout from the data; config_from_dict rebuilds
-    # it), and the normalisation and layout of its inputs: the folder alone can predict on new data.
+    log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
+    datasets, resolved = prepare(config, log=log)
+    # What the user asked for, what the data gave, and how its inputs were made: the folder alone can predict.
     if primary:
-        write_run_description(run_dir, config, datasets.normalisation, datasets.layout)
+        write_run_description(run_dir, config, resolved, datasets.normalisation, datasets.layout)
+    spec = StepSpec.of(config, resolved)
+    tasks = spec.objective.tasks
     n_train_batches = num_batches(datasets.train, tc.batch_size)
     sample_inputs, _ = next(iterate_batches(datasets.train, tc.batch_size))
-    steps = parallel.steps(config)
+    steps = devices.steps(spec, Schedule.of(config.step.optim, epochs=tc.epochs,
+                                            steps_per_epoch=resolved.steps_per_epoch))
     # A warm start loads the stored steps in the background while the state is created.
-    prefetch(steps.train, steps.start_epoch, steps.eval)
-    state = create_train_state(jax.random.PRNGKey(tc.seed), config, sample_inputs)
+    steps.prefetch("train", "start_epoch", "eval")
+    state = create_train_state(jax.random.PRNGKey(tc.seed), spec, sample_inputs,
+                               log_var_priors=config.step.log_var_priors)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
     processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    log(f"model: {n_params:,} parameters; policy {config.step.policy.name}; devices {tc.num_devices} "
-        f"({parallel.kind}{processes})")
+    log(f"model: {n_params:,} parameters; policy {spec.policy.name}; devices {tc.num_devices} "
+        f"({devices.kind}{processes})")
 
-    ckpt = Checkpoints(run_dir, place=lambda s: parallel.checkpoint_view(parallel.put_state(s)))
+    ckpt = Checkpoints(run_dir, place=lambda s: devices.checkpoint_view(devices.put_state(s)))
     history, best_val, best_epoch, bad_epochs, start_epoch = [], math.inf, -1, 0, 0
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if resume:
         restored, meta = ckpt.resume(state, log=log)
         if restored is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(run_dir, 'checkpoints', 'latest')}")
+            raise FileNotFoundError(f"--resume: no checkpoint under {latest_dir}")
         state = restored
         best_val, best_epoch, bad_epochs = meta["best_val"], meta["best_epoch"], meta["bad_epochs"]
         start_epoch = meta["epoch"] + 1
@@ -185,39 +187,37 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
     elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    baselines = split_baselines(datasets, config)
-    state = parallel.put_state(state)
-
-    from tqdm import tqdm
+    baselines = split_baselines(datasets, spec)
+    state = devices.put_state(state)
 
     # Flushed every epoch, so an interrupted run keeps its scalars; closed where the loop returns.
     writer = open_writer(run_dir, enabled=tc.tensorboard and primary, purge_from_epoch=start_epoch if resume else None,
                          log=log)
     for epoch in range(start_epoch, tc.epochs):
-        state = steps.start_epoch(state, parallel.epoch(epoch))
+        state = steps.start_epoch(state, epoch)
         bar = tqdm(total=n_train_batches, desc=f"epoch {epoch}", disable=quiet or not primary, leave=False,
                    file=sys.stderr)
-        state, train_m, secs = train_epoch(steps.train, state, datasets.train, tc.batch_size,
-                                           parallel=parallel, seed=tc.seed, epoch=epoch, progress=bar)
+        state, train_m, secs = train_epoch(steps, state, datasets.train, tc.batch_size, spec=spec, devices=devices,
+                                           seed=tc.seed, epoch=epoch, progress=bar)
         bar.close()
         train_m["samples_per_second"] = train_m["n_rows"] / secs
-        phases = {"train": with_baselines(train_m, baselines["train"])}
+        phases = {"train": with_baselines(train_m, baselines["train"], tasks)}
         for name in ("val", "test") if tc.score_test_each_epoch else ("val",):
-            split = getattr(datasets, name)
-            m, _ = evaluate_split(steps.eval, state, split, tc.batch_size, config=config, parallel=parallel)
-            phases[name] = with_baselines(m, baselines[name])
+            m, _ = evaluate_split(steps.eval, state, getattr(datasets, name), tc.batch_size, spec=spec,
+                                  devices=devices)
+            phases[name] = with_baselines(m, baselines[name], tasks)
         train_m, val_m = phases["train"], phases["val"]
         improved = val_m["weighted_total"] < best_val
         if improved:
             best_val, best_epoch, bad_epochs = val_m["weighted_total"], epoch, 0
         else:
             bad_epochs += 1
-        log(_epoch_line(epoch, train_m, val_m, improved))
-        collapsed = collapse_warning(train_m)
+        log(_epoch_line(epoch, train_m, val_m, improved, tasks))
+        collapsed = collapse_warning(train_m, tasks)
         if collapsed:
             log(f"    {collapsed}")
-        if epoch == start_epoch and fallback_tasks(train_m):
-            log(f"    no targets (fallback regulariser only) for: {', '.join(fallback_tasks(train_m))}")
+        if epoch == start_epoch and fallback_tasks(train_m, tasks):
+            log(f"    no targets (fallback regulariser only) for: {', '.join(fallback_tasks(train_m, tasks))}")
         lines = []
         for phase, m in phases.items():
             shared = {k: v for k, v in m.items() if k in val_m}
@@ -233,7 +233,7 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
                                            for p, m in phases.items()}})
         meta = {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "history": history}
-        saved_state = parallel.checkpoint_view(state)
+        saved_state = devices.checkpoint_view(state)
         ckpt.save(ckpt.latest, epoch, saved_state, meta)
         if improved:
             ckpt.save(ckpt.best, epoch, saved_state, meta)
@@ -248,14 +248,15 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
             break
 
     log(f"Training complete. Best val weighted_total {best_val:.4f} at epoch {best_epoch}")
-    best_state, _ = ckpt.restore(ckpt.best, parallel.local_state(state))
+    best_state, _ = ckpt.restore(ckpt.best, devices.local_state(state))
     ckpt.close()
     if writer is not None:
         writer.close()
-    final, predictions = score_splits(parallel.put_state(best_state), datasets, config, tc.batch_size,
-                                      parallel=parallel, baselines=baselines, predictions=True)
+    final, predictions = score_splits(devices.put_state(best_state), datasets, spec, tc.batch_size, devices=devices,
+                                      baselines=baselines, predictions=True)
     summary = {
         "config": config_to_dict(config),
+        "resolved": config_to_dict(resolved),
         "n_params": n_params,
         "best_epoch": best_epoch,
         "best_val_weighted_total": best_val,
@@ -265,15 +266,16 @@ def _train(config: Config, run_dir: str, parallel: Parallel, *, resume: bool, re
     if not primary:
         return summary
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    log(metrics_table(final, title="Final metrics (best checkpoint, exact split metrics, one shared path for "
-                                   "every split):"))
-    plot_curves(metrics_path, os.path.join(run_dir, "curves.png"))
+    log(metrics_table(final, tasks, title="Final metrics (best checkpoint, exact split metrics, one shared path for "
+                                          "every split):"))
+    plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), tasks)
     table = concat_tables([
-        prediction_table(predictions[name], split, datasets.calendar.day_dates[split.anchors], config=config,
-                         normalisation=datasets.normalisation, layout=datasets.layout, split_name=name)
+        prediction_table(predictions[name], split, datasets.calendar.day_dates[split.anchors], spec=spec,
+                         normalisation=datasets.normalisation, layout=datasets.layout,
+                         prediction_horizon=config.data.prediction_horizon, split_name=name)
         for name, split in datasets.splits.items()])
     table.write_csv(os.path.join(run_dir, "predictions.csv"))
-    plot_forecast(table, os.path.join(run_dir, "forecast.png"),
+    plot_forecast(table, os.path.join(run_dir, "forecast.png"), tasks,
                   title=f"{run_dir}: best checkpoint (epoch {best_epoch}) on every split")
     return summary
 
@@ -305,7 +307,7 @@ def _parsed(line: str):
         return line, None
 
 
-def plot_curves(metrics_path: str, out_path: str) -> None:
+def plot_curves(metrics_path: str, out_path: str, tasks) -> None:
     """Train/val/test weighted and simple totals per epoch, plus raw task losses."""
     import matplotlib
 
@@ -314,7 +316,7 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
 
     rows = [json.loads(line) for line in open(metrics_path)]
     phases = sorted({r["phase"] for r in rows}, key=["train", "val", "test"].index)
-    tasks = [t for t in TASK_NAMES if any(f"loss/{t}" in r["metrics"] for r in rows)]
+    tasks = [t.name for t in tasks if any(f"loss/{t.name}" in r["metrics"] for r in rows)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     styles = {"train": "-", "val": "--", "test": ":"}
     for phase in phases:

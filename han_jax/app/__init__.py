@@ -1,0 +1,1 @@
+"""The run-level application: train, evaluate, predict, import-torch, run folders, configuration checks."""

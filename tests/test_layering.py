@@ -1,0 +1,80 @@
+"""The package's layers: imports point down only, and no import hides inside a function.
+
+``app -> training -> objective -> tasks -> core``, with ``model`` and ``data`` beside
+``tasks`` (they read only ``core`` and ``config``), and ``config`` at the root; the Kendall
+aggregate (``core/aggregate.py``) reads its section of the configuration, the rest of
+``core`` nothing above it.
+"""
+
+import ast
+import os
+
+import han_jax
+
+ROOT = os.path.dirname(han_jax.__file__)
+# Each layer may import the layers after it in this order (and itself), never one before it.
+ORDER = ("cli", "app", "training", "objective", "tasks", "model", "data", "testing", "core.aggregate", "config",
+         "core")
+# Lower layers that do not read each other.
+APART = {("tasks", "model"), ("tasks", "data"), ("model", "data"), ("data", "model"), ("tasks", "testing"),
+         ("model", "testing"), ("data", "testing"), ("testing", "data"), ("testing", "model")}
+
+
+def _layer(module: str) -> str:
+    if module == "han_jax.core.aggregate":
+        return "core.aggregate"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _modules():
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+                yield rel.removesuffix(".__init__"), ast.parse(open(path).read())
+
+
+def _han_jax_imports(tree):
+    """(node, imported module, inside a function) for every import of a han_jax module."""
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("han_jax"):
+                yield child, child.module, inner
+            elif isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name.startswith("han_jax"):
+                        yield child, alias.name, inner
+            yield from visit(child, inner)
+
+    yield from visit(tree, False)
+
+
+def test_imports_point_down_the_layers():
+    wrong = []
+    for module, tree in _modules():
+        here = _layer(module)
+        if here == "__init__":
+            continue
+        for node, imported, _ in _han_jax_imports(tree):
+            there = _layer(imported)
+            if there in ("__init__", here):
+                continue
+            up = ORDER.index(there) < ORDER.index(here)
+            if up or (here, there) in APART:
+                wrong.append(f"{module}:{node.lineno} imports {imported}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_han_jax_import_inside_a_function():
+    """An import inside a function hides a circle; the layers above have none to hide."""
+    inside = [f"{module}:{node.lineno} imports {imported}" for module, tree in _modules()
+              for node, imported, in_function in _han_jax_imports(tree) if in_function]
+    assert not inside, "\n".join(inside)
+
+
+def test_every_folder_says_what_it_owns():
+    for folder in ("core", "tasks", "training", "app", "model", "data"):
+        assert os.path.exists(os.path.join(ROOT, folder, "README.md")), folder
