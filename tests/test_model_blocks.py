@@ -211,6 +211,29 @@ def test_deferred_normalisation_equals_softmax_then_dropout():
     np.testing.assert_allclose(out, jnp.einsum("bhqk,bkhd->bqhd", ref_probs, v), rtol=1e-5, atol=1e-6)
 
 
+def test_blocked_attention_drops_what_dense_attention_drops():
+    """With dropout on, each query block takes its window of the whole attention's mask (one key per
+    attention): blocked and dense attention give the same training outputs, and the windows' bits are the
+    whole mask's."""
+    from han_jax.model.attention import AttentionCore
+    from han_jax.model.dropout import hashed_bits
+
+    q, k, v, obs = _attention_inputs(t=100)
+    t = q.shape[1]
+    valid = obs[:, None, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
+    rngs = {"dropout": jax.random.PRNGKey(7)}
+    dense = AttentionCore(dropout=0.3, policy=Policy())
+    blocked = AttentionCore(dropout=0.3, policy=Policy(), band=(None, 0), block_size=32)
+    ref, ref_probs = jax.jit(lambda: dense.apply({}, q, k, v, valid, False, rngs=rngs))()
+    out, probs = jax.jit(lambda: blocked.apply({}, q, k, v, valid, False, rngs=rngs))()
+    chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    seed = jnp.asarray([3, 11], jnp.uint32)
+    whole = hashed_bits(seed, (2, 3, 40, 50))
+    window = hashed_bits(seed, (2, 3, 8, 20), within=(2, 3, 40, 50), offsets=(0, 0, 16, 30))
+    np.testing.assert_array_equal(window, whole[:, :, 16:24, 30:50])
+
+
 # ----- the vmapped per-source stacks keep the parameter tree and the outputs -----
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from han_jax.core.precision import Policy
 from han_jax.model.common import Linear, unmask_first_if_all_masked
-from han_jax.model.dropout import Dropout
+from han_jax.model.dropout import Dropout, dropout
 
 Band = Tuple[Optional[int], Optional[int]]
 
@@ -53,6 +53,10 @@ class AttentionCore(nn.Module, kw_only=True):
     in cache. The mask is still applied inside every block, so the result is the
     dense result; ``tests/test_model_blocks.py`` checks both agree.
 
+    Dropout draws one key per attention (not per block) and each block takes its window
+    of the whole [B, H, Q, K] mask (:func:`~han_jax.model.dropout.dropout`), so blocked and
+    dense attention drop the same probabilities, and a block adds no generator call.
+
     Without active dropout (``deterministic`` or rate 0) each block goes through
     ``jax.nn.dot_product_attention`` (``implementation``: None lets JAX choose,
     e.g. a fused cuDNN kernel on GPU; "xla" forces the XLA path), times "row has a
@@ -72,8 +76,12 @@ class AttentionCore(nn.Module, kw_only=True):
     def __call__(self, q, k, v, valid: Optional[jax.Array], deterministic: bool) -> Tuple[jax.Array, jax.Array]:
         scale = 1.0 / math.sqrt(q.shape[-1])
         qn, kn = q.shape[1], k.shape[1]
+        drop = None
+        if not deterministic and self.dropout > 0.0:
+            # The whole attention's mask, (key, [B, H, Q, K]); each block drops its window of it.
+            drop = (self.make_rng("dropout"), (q.shape[0], q.shape[2], qn, kn))
         if self.band is None or valid is None or self.block_size <= 0 or qn != kn or qn <= self.block_size:
-            return self._attend(q, k, v, valid, scale, deterministic)
+            return self._attend(q, k, v, valid, scale, deterministic, drop, (0, 0))
         lookback, lookahead = self.band
         outs, probs = [], []
         for a in range(0, qn, self.block_size):
@@ -81,13 +89,13 @@ class AttentionCore(nn.Module, kw_only=True):
             lo = 0 if lookback is None else max(0, a - lookback)
             hi = kn if lookahead is None else min(kn, b + lookahead)
             vb = valid[..., a:b, lo:hi] if valid.shape[-2] != 1 else valid[..., lo:hi]
-            out, p = self._attend(q[:, a:b], k[:, lo:hi], v[:, lo:hi], vb, scale, deterministic)
+            out, p = self._attend(q[:, a:b], k[:, lo:hi], v[:, lo:hi], vb, scale, deterministic, drop, (a, lo))
             outs.append(out)
             probs.append(jnp.pad(p, ((0, 0), (0, 0), (0, 0), (lo, kn - hi))))
         return jnp.concatenate(outs, axis=1), jnp.concatenate(probs, axis=2)
 
-    def _attend(self, q, k, v, valid, scale, deterministic):
-        """(out [B,Q,H,hd], the probabilities that weighted v [B,H,Q,K]) for one block."""
+    def _attend(self, q, k, v, valid, scale, deterministic, drop, start):
+        """(out [B,Q,H,hd], the probabilities that weighted v [B,H,Q,K]) for the block at ``start`` (query, key)."""
         cdt = self.policy.compute_dtype
         row_ok = None
         if valid is not None:
@@ -109,7 +117,9 @@ class AttentionCore(nn.Module, kw_only=True):
         if row_ok is not None:
             # Rows with no valid key: zero output (torch gives NaN, then nan_to_num).
             inv = jnp.where(row_ok, inv, 0.0)
-        e = Dropout(rate=self.dropout)(e, deterministic=deterministic)
+        if drop is not None:
+            key, whole = drop
+            e = dropout(e, key, self.dropout, within=whole, offsets=(0, 0) + tuple(start))
         out = jnp.einsum("bhqk,bkhd->bqhd", e.astype(cdt), v.astype(cdt)).astype(jnp.float32)
         out = out * jnp.swapaxes(inv, 1, 2)
         return out.astype(cdt), e * inv  # the second is dropout(softmax), built only if used

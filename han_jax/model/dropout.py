@@ -49,14 +49,27 @@ def _mix32(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def hashed_bits(seed: jax.Array, shape) -> jax.Array:
-    """u32 bits of ``shape`` from a [2] u32 seed: two rounds of lowbias32 over the element index."""
+def hashed_bits(seed: jax.Array, shape, *, within=None, offsets=None) -> jax.Array:
+    """u32 bits of ``shape`` from a [2] u32 seed: two rounds of lowbias32 over the element index.
+
+    With ``within`` (a larger shape) and ``offsets`` (where ``shape`` starts in it), the
+    bits are those of that window of the larger array's: a blocked computation draws, block
+    by block, exactly the bits of the whole.
+    """
+    full = tuple(int(s) for s in (shape if within is None else within))
     size = 1
-    for s in shape:
-        size *= int(s)
+    for s in full:
+        size *= s
     if size >= 2**32:
         raise ValueError(f"dropout mask of {size} elements exceeds the 2**32 hash counter")
-    counter = lax.iota(jnp.uint32, size).reshape(shape)
+    if within is None or tuple(shape) == full:
+        counter = lax.iota(jnp.uint32, size).reshape(shape)
+    else:
+        counter, stride = jnp.uint32(0), 1
+        for axis in reversed(range(len(full))):
+            position = lax.broadcasted_iota(jnp.uint32, tuple(shape), axis) + jnp.uint32(offsets[axis])
+            counter = counter + position * jnp.uint32(stride)
+            stride *= full[axis]
     h = _mix32(counter * jnp.uint32(_GOLDEN) + seed[0])
     return _mix32(h ^ seed[1])
 
@@ -81,10 +94,21 @@ def key_seed(key: jax.Array) -> jax.Array:
     return jnp.stack([words[..., 0] + words[..., 1], words[..., 2] ^ words[..., 3]], axis=-1)
 
 
-def keep_mask(key: jax.Array, keep_prob: float, shape) -> jax.Array:
-    """Bool mask of ``shape``, each element True with probability ``keep_prob``."""
+def keep_mask(key: jax.Array, keep_prob: float, shape, *, within=None, offsets=None) -> jax.Array:
+    """Bool mask of ``shape``, each element True with probability ``keep_prob`` (a window: see :func:`hashed_bits`)."""
     threshold = min(int(round(keep_prob * 2**32)), 2**32 - 1)
-    return hashed_bits(key_seed(key), shape) < jnp.uint32(threshold)
+    return hashed_bits(key_seed(key), shape, within=within, offsets=offsets) < jnp.uint32(threshold)
+
+
+def dropout(x: jax.Array, key: jax.Array, rate: float, *, within=None, offsets=None) -> jax.Array:
+    """Inverted dropout of ``x`` with the mask of ``key`` (of the window ``offsets`` of an array ``within``)."""
+    if rate == 0.0:
+        return x
+    if rate == 1.0:
+        return jnp.zeros_like(x)
+    keep_prob = 1.0 - rate
+    mask = keep_mask(key, keep_prob, x.shape, within=within, offsets=offsets)
+    return lax.select(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 
 class Dropout(nn.Module, kw_only=True):
@@ -97,8 +121,4 @@ class Dropout(nn.Module, kw_only=True):
     def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return inputs
-        if self.rate == 1.0:
-            return jnp.zeros_like(inputs)
-        keep_prob = 1.0 - self.rate
-        mask = keep_mask(self.make_rng(self.rng_collection), keep_prob, inputs.shape)
-        return lax.select(mask, inputs / jnp.asarray(keep_prob, inputs.dtype), jnp.zeros_like(inputs))
+        return dropout(inputs, self.make_rng(self.rng_collection), self.rate)
