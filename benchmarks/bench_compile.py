@@ -3,17 +3,19 @@
 Usage::
 
     python benchmarks/bench_compile.py [--preset default|small|tiny] [--runs 5] [--repeat 1] [--out FILE.json]
-                                       [--repo PATH]
+                                       [--repo PATH] [--vmap-sources]
 
 Each measurement is a fresh process (nothing cached, JAX's persistent cache off): it builds
 the preset's step specification on a random batch of the data's shapes (B, T, M of the
 preset), then lowers the train step (trace and lower, timed), compiles it (timed), counts
 the compiled module's instructions, computations, fusions and distinct fused computations
-(``han_jax.testing.hlo_counts``), and times the first and then ``--runs`` more steps.
+(``han_jax.testing.hlo_counts`` of this checkout, whichever checkout is measured), and times
+the first and then ``--runs`` more steps.
 ``--repeat N`` runs N fresh processes and reports each. ``--repo PATH`` measures another
 checkout of han-jax the same way (its ``han_jax`` imported from there): the same numbers
 for two versions on one machine in one session, e.g. before and after a change. Prints a
-markdown table and, with ``--out``, JSON.
+markdown table and, with ``--out``, JSON. ``--vmap-sources`` measures the alternative
+``model.vmap_sources=True`` (one vmapped encoder over the daily sources).
 """
 
 from __future__ import annotations
@@ -24,19 +26,24 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _build(preset: str):
+def _build(preset: str, vmap_sources: bool = False):
     """``(train_fn, args)`` of the checkout on ``sys.path``: this one's API, or the one before ``han_jax.training``."""
+    import dataclasses
+
     import jax
 
     from han_jax import config as configs
     from han_jax.testing import random_batch
 
     config = configs.get_config(preset)
+    if vmap_sources:
+        config = config.replace(model=dataclasses.replace(config.model, vmap_sources=True))
     b, t, m = config.train.batch_size, config.data.daily_seq_len, config.data.monthly_seq_len
     layout = dict(daily_sources=(configs.SMALL_DAILY_SOURCES if preset == "tiny" else configs.DAILY_SOURCES),
                   monthly_sources=(configs.SMALL_MONTHLY_SOURCES if preset == "tiny" else configs.MONTHLY_SOURCES))
@@ -47,8 +54,6 @@ def _build(preset: str):
         from han_jax.training.spec import StepSpec
         from han_jax.training.steps import create_train_state
     except ImportError:  # a checkout from before the step specification: the whole Config was the static argument
-        import dataclasses
-
         from han_jax.steps import create_train_state, jit_steps
 
         config = config.replace(model=dataclasses.replace(config.model, **layout))
@@ -63,19 +68,20 @@ def _build(preset: str):
     return steps.compiled.train, (state, inputs, targets, steps.schedule)
 
 
-def measure(preset: str, runs: int) -> dict:
-    """In this process: lower, compile, count and run the preset's train step."""
+def measure(preset: str, runs: int, vmap_sources: bool = False, hlo_path: str = "") -> dict:
+    """In this process: lower, compile and run the preset's train step; its compiled text to ``hlo_path``."""
     import jax
 
-    from han_jax.testing import hlo_counts
-
-    train, args = _build(preset)
+    train, args = _build(preset, vmap_sources)
     t0 = time.perf_counter()
     lowered = train.lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    result = {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, **hlo_counts(compiled.as_text())}
+    result = {"trace_lower_s": t1 - t0, "compile_s": t2 - t1}
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
     state, rest = args[0], args[1:]
     times = []
     for _ in range(runs + 1):
@@ -87,19 +93,29 @@ def measure(preset: str, runs: int) -> dict:
     return result
 
 
-def run_fresh(preset: str, runs: int, repo: str) -> dict:
-    # han_jax from ``repo``, this file's code to measure it.
+def run_fresh(preset: str, runs: int, repo: str, vmap_sources: bool = False) -> dict:
+    # han_jax from ``repo``, this file's code to measure it; the module counted here, by this checkout's
+    # hlo_counts (main() puts it first on sys.path; imported here because the child loads this file with
+    # another checkout's han_jax), so that every checkout is counted the same way.
+    from han_jax.testing import hlo_counts
+
+    hlo = tempfile.NamedTemporaryFile(suffix=".hlo.txt", delete=False)
+    hlo.close()
     code = (f"import importlib.util, json, sys; sys.path.insert(0, {repo!r}); "
             f"spec = importlib.util.spec_from_file_location('bench_compile', {os.path.abspath(__file__)!r}); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-            f"print('RESULT ' + json.dumps(module.measure({preset!r}, {runs})))")
+            f"print('RESULT ' + json.dumps(module.measure({preset!r}, {runs}, {vmap_sources!r}, {hlo.name!r})))")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
     env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), HAN_JAX_COMPILATION_CACHE="off")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    try:
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                with open(hlo.name) as f:
+                    return {**json.loads(line[len("RESULT "):]), **hlo_counts(f.read())}
+        return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    finally:
+        os.unlink(hlo.name)
 
 
 def _commit(repo: str) -> str:
@@ -115,13 +131,16 @@ def main(argv=None) -> list:
     ap.add_argument("--runs", type=int, default=5, help="timed steps after the first (default 5)")
     ap.add_argument("--repeat", type=int, default=1, help="fresh processes to measure (default 1)")
     ap.add_argument("--repo", default=REPO, help="the han-jax checkout to measure (default this one)")
+    ap.add_argument("--vmap-sources", action="store_true", help="measure model.vmap_sources=True")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     repo = os.path.abspath(args.repo)
+    sys.path.insert(0, REPO)
     rows = []
     for i in range(args.repeat):
-        r = run_fresh(args.preset, args.runs, repo)
-        r.update(preset=args.preset, commit=_commit(repo), process=i)
+        r = run_fresh(args.preset, args.runs, repo, args.vmap_sources)
+        r.update(preset=args.preset, commit=_commit(repo) + (" vmap_sources" if args.vmap_sources else ""),
+                 process=i)
         rows.append(r)
         print(f"{r['commit']} #{i}: {r.get('compile_s', r.get('error'))}", file=sys.stderr, flush=True)
     import platform

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/profile_step.py [--step train|eval] [--batch 8] [--days 365]
         [--depth 2] [--top 25] [--filter REGEX] [--trace-dir DIR] [--out FILE.json]
 
-It compiles the step of ``han_jax.steps.jit_steps`` for the default model, runs it
+It compiles the train step of ``han_jax.training.devices`` for the default model, runs it
 under ``jax.profiler.trace`` and sums the duration of every executed XLA op (the
 trace's per-thunk events) by the ``op_name`` metadata XLA kept for it: the Flax
 module path (``daily_encoders_personnel/layers_0/self_attn/...``), split into the

@@ -1,7 +1,9 @@
 """han-jax: a JAX/Flax multi-task, multi-resolution Hierarchical Attention Network.
 
-One pure ``compute_losses`` feeds one shared ``aggregate``; ``train_step``,
-``eval_step`` and ``test_step`` all go through it under one precision policy.
+Every phase runs one statistics pass over the tasks (``han_jax.objective.forward_statistics``,
+whose per-task losses are ``compute_losses``), one shared ``aggregate`` and one metric
+finalisation: ``train_step``, ``eval_step`` and ``test_step`` all go through it under one
+precision policy.
 """
 
 from han_jax.config import AggregateConfig, LossConfig, ModelConfig

@@ -32,7 +32,8 @@ from han_jax.app.validation import check_int, validate_config
 from han_jax.config import PRESETS, ConfigError, DataConfig, get_config
 from han_jax.core.precision import Policy
 from han_jax.data import SOURCES, DataError, iterate_batches
-from han_jax.training.checkpoints import CHECKPOINTS
+from han_jax.tasks import loss_key
+from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR
 from han_jax.training.compilation_cache import default_cache_dir, enable_compilation_cache
 from han_jax.training.devices import PARALLEL_KINDS, SingleDevice, check_batch
 from han_jax.training.distributed import (
@@ -167,8 +168,9 @@ def _common(p):
     p.add_argument("--data", choices=SOURCES, default="synthetic",
                    help="embedded synthetic world (default) or the real public loss data")
     p.add_argument("--losses-dir", help="directory of russia_losses_*.json (default: the snapshot bundled with "
-                                        "han-jax, to 2025-12-31; see README 'Real data')")
-    p.add_argument("--monthly-csv-dir", help="optional monthly source / target CSVs for real data (see README)")
+                                        "han-jax, to 2025-12-31; see docs/usage.md)")
+    p.add_argument("--monthly-csv-dir",
+                   help="optional monthly source / target CSVs for real data (see docs/usage.md)")
     p.add_argument("--policy", help="precision policy: f32, bf16, f16 or params=..,compute=..,output=..")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
@@ -252,7 +254,7 @@ def cmd_audit(args) -> int:
     print(f"  weighted_total = data_term + uncertainty_term + reg_term = {e['data_term']:.6f} + "
           f"{e['uncertainty_term']:.6f} + {e['reg_term']:.6f} = {e['weighted_total']:.6f}")
     for t in spec.objective.weighted:
-        if f"loss/{t}" not in e:
+        if loss_key(t) not in e:
             continue
         # The aggregate's own numbers: weight = exp(-clipped log_var), and its contribution.
         loss, w, inc, contribution = (e[f"{part}/{t}"] for part in ("loss", "weight", "included", "contribution"))
@@ -323,7 +325,7 @@ def cmd_import_torch(args) -> int:
     """A run folder from a checkpoint of the original PyTorch trainer."""
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"{args.checkpoint}: no such file; expected a .pt written by the original")
-    if os.path.exists(os.path.join(args.run_dir, "checkpoints")):
+    if os.path.exists(os.path.join(args.run_dir, CHECKPOINTS_DIR)):
         raise FileExistsError(f"{args.run_dir} already holds checkpoints; expected a new run folder")
     config = build_config(args)
     try:
@@ -355,7 +357,7 @@ def _device_flags(p, note: str = "") -> None:
 
 
 def _distributed_flags(p) -> None:
-    g = p.add_argument_group("several processes (JAX's distributed runtime; see README 'Several devices and hosts')")
+    g = p.add_argument_group("several processes (JAX's distributed runtime; see docs/usage.md)")
     g.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="process 0's address, the same in every process")
     g.add_argument("--num-processes", type=int, help="how many processes take part")
@@ -399,7 +401,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("audit", help="prove train/eval/test share one loss path on one batch")
     _common(p)
-    p.add_argument("--epochs", type=int, help="as for train (the schedule is part of the step configuration)")
+    p.add_argument("--epochs", type=int, help="as for train (the learning-rate schedule of the train step shown)")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("evaluate", help="score a saved run on every split (exact split metrics, baselines, skill)")
     p.add_argument("--run-dir", required=True, help="a folder written by 'han-jax train'")

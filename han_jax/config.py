@@ -385,11 +385,14 @@ class Resolved:
         order the model reads them (the model's source layout).
       steps_per_epoch: optimiser updates per epoch (train batches // accumulation steps, at
         least 1): the unit of a ``"step"`` learning-rate schedule.
+      tasks: the names of the tasks the run trains, in order (the registry's when the run
+        was prepared); None where a run folder did not record them.
     """
 
     daily_sources: SourceLayout
     monthly_sources: SourceLayout
     steps_per_epoch: int = 1
+    tasks: Optional[Tuple[str, ...]] = None
 
     def model(self, model: ModelConfig) -> ModelConfig:
         """``model`` with this data's source layout: the architecture the steps build.

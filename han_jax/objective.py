@@ -41,7 +41,7 @@ from han_jax.config import AggregateConfig, LossConfig, ModelConfig
 from han_jax.core.aggregate import AggregateInfo, aggregate, init_log_vars
 from han_jax.core.batch import Targets
 from han_jax.core.reductions import masked_mean, masked_sum, psum
-from han_jax.tasks import Task
+from han_jax.tasks import Task, loss_key, targets_key
 from han_jax.tasks import tasks as registered_tasks
 
 Array = jax.Array
@@ -308,7 +308,7 @@ def aggregate_metrics(info: AggregateInfo, losses: Mapping[str, Array]) -> dict:
     """The totals and the decomposition of the weighted one, with per task ``loss/``, ``weight/``
     (Kendall precision), ``contribution/`` (its share of the weighted total) and ``included/``."""
     m = {key: getattr(info, key) for key in TOTALS}
-    m.update({f"loss/{t}": v for t, v in losses.items()})
+    m.update({loss_key(t): v for t, v in losses.items()})
     m.update({f"weight/{t}": v for t, v in info.weight.items()})
     m.update({f"contribution/{t}": v for t, v in info.contribution.items()})
     m.update({f"included/{t}": v.astype(jnp.float32) for t, v in info.included.items()})
@@ -337,7 +337,7 @@ def metrics_from_statistics(statistics: Mapping, log_vars: Mapping[str, Array], 
     _, info = jax.vmap(lambda ls: aggregate(ls, log_vars, objective.aggregate, task_names=objective.weighted))(losses)
 
     m = aggregate_metrics(_lane(info, 0), _lane(losses, 0))
-    m.update({f"targets/{t}": n[0] for t, n in n_valid.items()})
+    m.update({targets_key(t): n[0] for t, n in n_valid.items()})
     m["n_rows"] = stats["n_rows"][0]
     for i, (name, _) in enumerate(OBS_STRATA, start=1):
         if stats["n_rows"].shape[0] > i:

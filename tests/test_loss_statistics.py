@@ -1,4 +1,4 @@
-"""loss_statistics / combine_statistics / finalize_losses: a split scored in pieces gets one batch's losses.
+"""loss_statistics / merge_statistics / finalize_losses: a split scored in pieces gets one batch's losses.
 
 The task losses use batch statistics (class weights from counts, variances,
 mean probabilities, fallbacks when no row is valid), so their value depends on
@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from han_jax.config import LossConfig
-from han_jax.core.reductions import Moments, masked_moments, masked_var
-from han_jax.core.reductions import merge_statistics as combine_statistics
+from han_jax.core.reductions import Moments, masked_moments, masked_var, merge_statistics
 from han_jax.objective import (
     compute_losses,
     compute_losses_with_diagnostics,
@@ -92,7 +91,7 @@ def accumulate(outputs, t, cuts, config=LossConfig(), pad_to=None):
     for start, stop in zip(bounds[:-1], bounds[1:]):
         stats = jitted(loss_statistics, config)(*take_rows(outputs, t, start, stop, pad_to))
         stats = statistics_to_host(stats)
-        total = stats if total is None else combine_statistics(total, stats)
+        total = stats if total is None else merge_statistics(total, stats)
     return total
 
 
@@ -132,7 +131,7 @@ def test_compute_losses_is_finalized_statistics(branch):
     pad_t = {key: (None if t[key] is None else v) for key, v in pad_t.items()}
     pad_t["sample_mask"] = np.zeros(3, bool)
     padding_only = statistics_to_host(jitted(loss_statistics, LossConfig())(pad_out, to_targets(pad_t)))
-    with_padding, _ = finalize_losses(combine_statistics(host, padding_only))
+    with_padding, _ = finalize_losses(merge_statistics(host, padding_only))
     chex.assert_trees_all_close(with_padding, want, rtol=1e-6, atol=1e-9)
 
 
@@ -144,8 +143,8 @@ def test_statistics_jit_and_pytree():
     chex.assert_trees_all_close(jitted, eager, rtol=1e-6, atol=1e-6)
     assert isinstance(eager["anomaly"]["pred"], Moments) and isinstance(eager["forecast"]["target"], Moments)
     # Merging also runs under jit on device arrays, and agrees with the float64 host merge.
-    on_device = jax.jit(combine_statistics)(eager, eager)
-    on_host = combine_statistics(statistics_to_host(eager), statistics_to_host(eager))
+    on_device = jax.jit(merge_statistics)(eager, eager)
+    on_host = merge_statistics(statistics_to_host(eager), statistics_to_host(eager))
     chex.assert_trees_all_close(jax.device_get(on_device), on_host, rtol=1e-6, atol=1e-5)
     assert on_host["regime"]["class_count"].dtype == np.float64
     assert on_host["forecast"]["pred"].m2.dtype == np.float64
@@ -280,6 +279,6 @@ def test_devices_give_the_whole_batch():
     # Without it each device's statistics are its own rows'; merged on the host, the same.
     local = jax.pmap(loss_statistics)(shard(outputs), shard(targets))
     host = statistics_to_host(local)
-    merged = functools.reduce(combine_statistics,
+    merged = functools.reduce(merge_statistics,
                               [jax.tree_util.tree_map(lambda x, i=i: x[i], host) for i in range(n)])
     chex.assert_trees_all_close(finalize_losses(merged)[0], want, rtol=1e-5, atol=1e-7)

@@ -4,6 +4,7 @@ and one element set for the next-month forecast of the model and its baselines."
 import collections
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +14,14 @@ import pytest
 from han_jax import tasks
 from han_jax.app.evaluate import metrics_table, split_baselines, with_baselines
 from han_jax.app.predict import prediction_table
-from han_jax.config import ModelConfig
+from han_jax.config import ConfigError, ModelConfig
 from han_jax.core.batch import Targets
 from han_jax.core.reductions import masked_sum, ratio, sum_and_count
 from han_jax.objective import Objective, forward_statistics, metrics_from_statistics, to_host_metrics
 from han_jax.tasks.base import Task, host_mean, skill_score, valid_rows
 from han_jax.training.devices import SingleDevice
 from han_jax.training.spec import StepSpec
-from han_jax.training.steps import create_train_state, eval_step, train_step
+from han_jax.training.steps import create_train_state, eval_step, make_model, train_step
 from tests.helpers import fresh
 
 ORIGINAL = ("regime", "transition", "casualty", "anomaly", "forecast", "daily_forecast")
@@ -96,7 +97,10 @@ def test_a_seventh_task_joins_through_the_registry_alone_and_trains(tiny):
     metrics, baselines, skill, prediction column and table rows reported, by code that never names it."""
     with tasks.using(LevelTask()) as registered:
         assert [t.name for t in registered] == [*ORIGINAL, "level"]
-        spec = StepSpec.of(tiny.config, tiny.resolved)
+        # A run folder records its tasks: the tiny run's six do not load as this process's seven.
+        with pytest.raises(ConfigError, match=r"tasks \['regime'.*'daily_forecast'\]: the run's tasks"):
+            StepSpec.of(tiny.config, tiny.resolved)
+        spec = StepSpec.of(tiny.config, dataclasses.replace(tiny.resolved, tasks=tasks.names()))
         baselines = split_baselines(tiny.datasets, spec)
     assert tasks.names() == ORIGINAL  # the registry is as it was; the specification keeps its tasks
     assert spec.objective.weighted[-1] == "level" and spec != tiny.spec
@@ -133,6 +137,27 @@ def test_a_seventh_task_joins_through_the_registry_alone_and_trains(tiny):
     assert list(columns)[-1] == "level"
 
 
+def test_a_task_from_outside_the_package_keys_the_stored_steps_by_its_code(tiny, tmp_path, monkeypatch):
+    """han-jax's source fingerprint covers its own files only: a task written elsewhere keys the stored
+    executables by a hash of its module's file, so an edited task never loads the steps of its old code."""
+    module = tmp_path / "outside_task.py"
+    source = "from tests.test_tasks import LevelTask\n\nclass OutsideTask(LevelTask):\n    prior = {prior}\n"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    resolved = dataclasses.replace(tiny.resolved, tasks=None)
+
+    def task_code(prior):
+        module.write_text(source.format(prior=prior))
+        loaded = importlib.import_module("outside_task")
+        loaded = importlib.reload(loaded)
+        return StepSpec.of(tiny.config, resolved, tasks=(*tasks.tasks(), loaded.OutsideTask())).task_code
+
+    first, edited = task_code(0.5), task_code(0.25)
+    assert first[:-1] == edited[:-1] == tuple((f"{type(t).__module__}.{type(t).__qualname__}", "")
+                                              for t in tasks.tasks())
+    assert first[-1][0] == edited[-1][0] == "outside_task.OutsideTask"
+    assert first[-1][1] != edited[-1][1] and len(first[-1][1]) == 64
+
+
 def test_each_step_computes_each_task_s_statistics_once(tiny, monkeypatch):
     """One statistics pass: the objective and every reported metric (all rows and both observation-rate strata)
     read the same statistics, computed once per task per step."""
@@ -152,6 +177,26 @@ def test_each_step_computes_each_task_s_statistics_once(tiny, monkeypatch):
     calls.clear()
     jax.jit(functools.partial(eval_step, spec=tiny.spec)).lower(state, inputs, targets)
     assert calls == {name: 1 for name in ORIGINAL}
+
+
+def test_every_metric_is_defined_for_a_batch_without_any_target(tiny):
+    """Targets absent altogether (a batch of unlabelled days, M >= 2): every task takes its fallback (the
+    regime its temporal-consistency term), counts 0 targets and still reports each of its metrics."""
+    inputs, targets = tiny.batch
+    model = make_model(tiny.spec)
+    shapes = jax.eval_shape(lambda: model.apply({"params": tiny.state.params}, inputs, deterministic=True))
+    rng = np.random.default_rng(1)
+    outputs = {k: jnp.asarray(rng.normal(size=v.shape), v.dtype) for k, v in shapes.items()}
+    unlabelled = Targets(**{k: None for k in Targets.__dataclass_fields__ if k != "sample_mask"},
+                         sample_mask=targets.sample_mask)
+    objective = tiny.spec.objective
+    _, statistics = forward_statistics(outputs, unlabelled, tasks=objective.tasks, loss=objective.loss)
+    metrics = to_host_metrics(metrics_from_statistics(statistics, tiny.state.log_vars, objective), objective.tasks)
+    for name in ORIGINAL:
+        assert metrics[f"targets/{name}"] == 0.0, name
+        assert np.isfinite(metrics[f"loss/{name}"]), name
+    assert metrics["loss/regime"] > 1e-4  # the temporal-consistency term, not the 1e-6 fallback
+    assert metrics["regime_accuracy"] is None and metrics["n/regime"] == 0.0
 
 
 def _forecast_targets(masks, values, sample_mask) -> Targets:

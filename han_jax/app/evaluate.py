@@ -22,6 +22,7 @@ from han_jax.core.batch import Targets
 from han_jax.core.files import write_json
 from han_jax.data import Datasets, SplitData, iterate_batches
 from han_jax.objective import TOTALS
+from han_jax.tasks import loss_key, targets_key
 from han_jax.training.accumulate import SplitAccumulator
 from han_jax.training.checkpoints import load_checkpoint
 from han_jax.training.compilation_cache import prefetch
@@ -129,17 +130,17 @@ def score_splits(state, datasets: Datasets, spec: StepSpec, batch_size: int, *, 
 
 def fallback_tasks(metrics: Mapping, tasks: Sequence) -> list:
     """Tasks whose loss had no target row in this split (their loss is the original's fallback regulariser)."""
-    return [t.name for t in tasks if metrics.get(f"targets/{t.name}") == 0]
+    return [t.name for t in tasks if metrics.get(targets_key(t.name)) == 0]
 
 
 def metrics_table(final: Mapping[str, Mapping], tasks: Sequence, *, title: str) -> str:
     """The side-by-side table of splits: totals, task losses (fallback-only ones marked), metrics, baselines, skill."""
     splits = [s for s in SPLITS if s in final]
     first = final[splits[0]]
-    fallback = {t.name for t in tasks if all(final[s].get(f"targets/{t.name}") == 0 for s in splits)}
+    fallback = {t.name for t in tasks if all(final[s].get(targets_key(t.name)) == 0 for s in splits)}
     keys = list(TOTALS)
-    keys += [f"loss/{t.name}" for t in tasks]
-    keys += [f"targets/{t.name}" for t in tasks]
+    keys += [loss_key(t.name) for t in tasks]
+    keys += [targets_key(t.name) for t in tasks]
     keys += [row for t in tasks for row in t.table_rows]
     keys += sorted(k for k in first if k.startswith("skill/") and k.count("/") == 1)
     keys += ["n_rows"]
@@ -149,7 +150,7 @@ def metrics_table(final: Mapping[str, Mapping], tasks: Sequence, *, title: str) 
         if k not in first:
             continue
         cells = [final[s].get(k) for s in splits]
-        label = k + ("  (fallback: no targets)" if k.startswith("loss/") and k[5:] in fallback else "")
+        label = k + ("  (fallback: no targets)" if k in {loss_key(t) for t in fallback} else "")
         lines.append(f"{label:{width}s} " + " ".join(f"{'n/a':>12s}" if v is None else f"{v:12.4f}" for v in cells))
     for task in tasks:
         lines += task.table_lines(final, splits, width)

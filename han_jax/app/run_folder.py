@@ -4,7 +4,7 @@ A run folder describes itself, each file written atomically (:mod:`han_jax.core.
 
 * ``config.json``: the :class:`~han_jax.config.Config` as the user asked for it;
 * ``resolved.json``: what the run derived from its data (:class:`~han_jax.config.Resolved`:
-  the model's source layout, the updates per epoch);
+  the model's source layout, the updates per epoch, the names of the tasks it trains);
 * ``norm_stats.npz``: the count transform and the train statistics the inputs were normalised with;
 * ``layout.json``: the sources and their feature names, in order;
 * ``checkpoints/{latest,best}`` (:mod:`han_jax.training.checkpoints`), ``metrics.jsonl``,

@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Optional
 
+from han_jax import tasks as task_registry
 from han_jax.app.run_folder import CONFIG_FILE, LAYOUT_FILE, read_description, read_run_config, write_run_description
 from han_jax.config import Config, ConfigError, DataConfig, Resolved
 from han_jax.core.batch import Inputs
@@ -52,7 +53,8 @@ def prepare(config: Config, log=None) -> tuple[Datasets, Resolved]:
             log(f"data: {line}")
     n_train_batches = num_batches(datasets.train, config.train.batch_size)
     resolved = Resolved(daily_sources=datasets.daily_sources, monthly_sources=datasets.monthly_sources,
-                        steps_per_epoch=max(1, n_train_batches // config.step.optim.accumulation_steps))
+                        steps_per_epoch=max(1, n_train_batches // config.step.optim.accumulation_steps),
+                        tasks=task_registry.names())
     resolved.model(config.model)  # a model layout of the user's own must be the data's
     if log is not None:
         log(f"data: train/val/test anchors {len(datasets.train)}/{len(datasets.val)}/{len(datasets.test)}; "

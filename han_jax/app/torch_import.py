@@ -61,12 +61,11 @@ from han_jax import tasks
 from han_jax.app.run_folder import lock_run_dir
 from han_jax.app.runs import prepare, write_run_folder
 from han_jax.config import ConfigError, ModelConfig
-from han_jax.core.precision import make_loss_scale
 from han_jax.model import MultiResolutionHAN
 from han_jax.model.common import sinusoidal_table
-from han_jax.testing import random_batch
+from han_jax.training.checkpoints import zero_inputs
 from han_jax.training.spec import StepSpec
-from han_jax.training.steps import TrainState, init_optimizer
+from han_jax.training.steps import state_with_parameters
 
 TORCH_INSTALL_HINT = (
     'reading a PyTorch checkpoint needs torch, an optional dependency of han-jax: pip install -e ".[torch]" '
@@ -386,7 +385,7 @@ def _layout(cfg: ModelConfig) -> tuple[_Param | _Buffer, ...]:
 def _flax_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every leaf of ``MultiResolutionHAN(cfg)``'s params, from ``jax.eval_shape`` of init."""
     # Any window the model accepts gives the same parameter shapes; keep it short.
-    inputs, _ = random_batch(cfg, b=1, t=min(32, cfg.max_daily_len), m=min(2, cfg.max_months))
+    inputs = zero_inputs(cfg, min(32, cfg.max_daily_len), min(2, cfg.max_months))
     model = MultiResolutionHAN(config=cfg)
     tree = jax.eval_shape(lambda key: model.init({"params": key}, inputs, deterministic=True), jax.random.PRNGKey(0))
     return {path: tuple(leaf.shape) for path, leaf in _flatten(tree["params"]).items()}
@@ -997,14 +996,7 @@ def _import_run(checkpoint: TorchCheckpoint, run_dir: str, config, *, log):
     for line in lines:
         log(line)
     log_vars = {k: jnp.asarray(v) for k, v in log_vars.items()}
-    state = TrainState(
-        step=jnp.int32(0),
-        params=params,
-        log_vars=log_vars,
-        opt_state=init_optimizer(spec, params, log_vars),
-        loss_scale=make_loss_scale(spec.policy),
-        rng=jax.random.split(jax.random.PRNGKey(config.train.seed))[1],
-    )
+    state = state_with_parameters(jax.random.PRNGKey(config.train.seed), spec, params, log_vars)
     meta = {"epoch": 0, "imported_from": os.path.abspath(checkpoint.path), "original_epoch": checkpoint.epoch,
             "original_best_val_loss": checkpoint.best_val_loss, "loss_kind": checkpoint.loss_kind,
             "not_imported": list(checkpoint.not_imported)}

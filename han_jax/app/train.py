@@ -2,8 +2,8 @@
 
 Every phase runs through the steps of :mod:`han_jax.training.steps` and every epoch metric
 through :mod:`han_jax.training.accumulate`, so train, validation and test report the same
-keys, computed the same way. The test split is also scored every epoch, for the plot only:
-model selection reads validation alone.
+keys, computed the same way. With ``train.score_test_each_epoch`` (the default) the test
+split is also scored every epoch, for the plot only: model selection reads validation alone.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from han_jax.app.validation import validate_config
 from han_jax.config import Config, config_to_dict
 from han_jax.core.files import atomic_write, write_json
 from han_jax.data import iterate_batches, num_batches
+from han_jax.tasks import loss_key, targets_key
 from han_jax.training.accumulate import EpochAccumulator
-from han_jax.training.checkpoints import Checkpoints, checkpoint_epoch
+from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR, Checkpoints, checkpoint_epoch
 from han_jax.training.devices import Devices, make_devices
 from han_jax.training.distributed import is_primary
 from han_jax.training.schedule import Schedule
@@ -59,8 +60,8 @@ def collapse_warning(metrics: dict, tasks) -> Optional[str]:
     regulariser, small by design: its loss says nothing about collapse.
     """
     collapsed = [f"{t.name}={metrics[f'loss/{t.name}']:.6f}" for t in tasks
-                 if t.watch_collapse and f"loss/{t.name}" in metrics
-                 and (metrics.get(f"targets/{t.name}") or 0) > 0 and metrics[f"loss/{t.name}"] < COLLAPSE_THRESHOLD]
+                 if t.watch_collapse and loss_key(t.name) in metrics
+                 and (metrics.get(targets_key(t.name)) or 0) > 0 and metrics[loss_key(t.name)] < COLLAPSE_THRESHOLD]
     return f"COLLAPSE WARNING: task losses below {COLLAPSE_THRESHOLD}: {', '.join(collapsed)}" if collapsed else None
 
 
@@ -87,7 +88,7 @@ def train_epoch(steps, state, split, batch_size: int, *, spec: StepSpec, devices
 
 def _epoch_line(epoch, train_m, val_m, best_marker, tasks) -> str:
     names = [t.name for t in tasks]
-    raw = ", ".join(f"{t}:{train_m[f'loss/{t}']:.4f}" for t in names if f"loss/{t}" in train_m)
+    raw = ", ".join(f"{t}:{train_m[loss_key(t)]:.4f}" for t in names if loss_key(t) in train_m)
     weights = ", ".join(f"{t}:{train_m[f'weight/{t}']:.3f}" for t in names if f"weight/{t}" in train_m)
     return (
         f"Epoch {epoch:3d}: train_loss={train_m['weighted_total']:.4f}, val_loss={val_m['weighted_total']:.4f} "
@@ -135,12 +136,12 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
            quiet: bool, log, stop_after_epoch: Optional[int]) -> dict:
     """:func:`train`'s body, run while holding the folder's lock."""
     tc = config.train
-    latest_dir = os.path.join(run_dir, "checkpoints", "latest")
+    latest_dir = os.path.join(run_dir, CHECKPOINTS_DIR, "latest")
     if resume and checkpoint_epoch(run_dir) is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {latest_dir}")
-    if not resume and any(checkpoint_epoch(run_dir, which) is not None for which in ("latest", "best")):
+    if not resume and any(checkpoint_epoch(run_dir, which) is not None for which in CHECKPOINTS):
         # orbax would skip every epoch up to the old run's and the final scoring would read its state.
-        raise FileExistsError(f"{os.path.join(run_dir, 'checkpoints')}: holds another run's checkpoints; expected "
+        raise FileExistsError(f"{os.path.join(run_dir, CHECKPOINTS_DIR)}: holds another run's checkpoints; expected "
                               "--resume to continue it, or another --run-dir")
     primary = is_primary()
     if not primary:
@@ -316,7 +317,7 @@ def plot_curves(metrics_path: str, out_path: str, tasks) -> None:
 
     rows = [json.loads(line) for line in open(metrics_path)]
     phases = sorted({r["phase"] for r in rows}, key=["train", "val", "test"].index)
-    tasks = [t.name for t in tasks if any(f"loss/{t.name}" in r["metrics"] for r in rows)]
+    tasks = [t.name for t in tasks if any(loss_key(t.name) in r["metrics"] for r in rows)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     styles = {"train": "-", "val": "--", "test": ":"}
     for phase in phases:
@@ -325,7 +326,7 @@ def plot_curves(metrics_path: str, out_path: str, tasks) -> None:
         axes[0].plot(ep, [r["metrics"]["weighted_total"] for r in pr], styles[phase], marker="o", label=phase)
         axes[1].plot(ep, [r["metrics"]["simple_total"] for r in pr], styles[phase], marker="o", label=phase)
         for i, t in enumerate(tasks):
-            axes[2].plot(ep, [r["metrics"][f"loss/{t}"] for r in pr], styles[phase], color=f"C{i}",
+            axes[2].plot(ep, [r["metrics"][loss_key(t)] for r in pr], styles[phase], color=f"C{i}",
                          label=t if phase == "train" else None)
     axes[0].set_title("weighted_total (Kendall), every phase")
     axes[1].set_title("simple_total (plain mean), every phase")

@@ -15,14 +15,15 @@ import contextlib
 from typing import Iterator
 
 from han_jax.tasks.anomaly import ANOMALY
-from han_jax.tasks.base import TableContext, Task, skill_score
+from han_jax.tasks.base import TableContext, Task, loss_key, skill_score, targets_key
 from han_jax.tasks.casualty import CASUALTY
 from han_jax.tasks.daily_forecast import DAILY_FORECAST
 from han_jax.tasks.forecast import FORECAST
 from han_jax.tasks.regime import REGIME
 from han_jax.tasks.transition import TRANSITION
 
-__all__ = ["Task", "TableContext", "get", "names", "register", "skill_score", "tasks", "unregister", "using"]
+__all__ = ["Task", "TableContext", "get", "loss_key", "names", "register", "skill_score", "targets_key", "tasks",
+           "unregister", "using"]
 
 # The original's tasks, in its order (the order of every report).
 _REGISTRY: list = [REGIME, TRANSITION, CASUALTY, ANOMALY, FORECAST, DAILY_FORECAST]

@@ -167,6 +167,16 @@ def host_mean(x, where: np.ndarray) -> Optional[float]:
     return float(np.sum(np.where(where, np.asarray(x, np.float64), 0.0)) / n)
 
 
+def loss_key(task: str) -> str:
+    """The metric key of a task's loss, in every phase and report."""
+    return f"loss/{task}"
+
+
+def targets_key(task: str) -> str:
+    """The metric key of the number of rows (positions) a task's loss had targets for (0: its fallback)."""
+    return f"targets/{task}"
+
+
 def actual(values, valid) -> np.ndarray:
     """A table column of targets: the value where ``valid``, NaN elsewhere."""
     return np.where(np.asarray(valid, bool), np.asarray(values, np.float64), np.nan)

@@ -140,13 +140,14 @@ class RegimeTask(Task):
             kl_bwd_row = jnp.sum(jax.scipy.special.xlogy(p_prev, p_prev) - p_prev * logp_t, axis=(1, 2))
             # Per-class terms of the month entropies, kept per class so the finaliser knows K.
             neg_plogp = -p_t * jnp.log(jnp.maximum(p_t, 1e-8))  # [B, M-1, K]
-            return {
-                "kl_fwd_sum": masked_sum(kl_fwd_row, row, axis_name=axis_name),
-                "kl_bwd_sum": masked_sum(kl_bwd_row, row, axis_name=axis_name),
-                "n_rows": masked_count(kl_fwd_row, row, axis_name=axis_name),
-                "month_entropy_sum": class_sums(neg_plogp, row[:, None, None], axis_name=axis_name),
-                "month_entropy_count": masked_count(neg_plogp[..., 0], row[:, None], axis_name=axis_name),
-            }
+            stats.update(
+                kl_fwd_sum=masked_sum(kl_fwd_row, row, axis_name=axis_name),
+                kl_bwd_sum=masked_sum(kl_bwd_row, row, axis_name=axis_name),
+                n_rows=masked_count(kl_fwd_row, row, axis_name=axis_name),
+                month_entropy_sum=class_sums(neg_plogp, row[:, None, None], axis_name=axis_name),
+                month_entropy_count=masked_count(neg_plogp[..., 0], row[:, None], axis_name=axis_name),
+            )
+            return stats
 
         labels = regime_labels(targets.phase_index, k, config.phase_to_coarse)
         valid = row & targets.phase_valid.astype(bool)

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from han_jax.core.reductions import masked_sum, ratio, sum_and_count
-from han_jax.tasks.base import Task, actual, as_array, finite, host_mean, skill_score, valid_rows
+from han_jax.tasks.base import Task, actual, as_array, finite, host_mean, loss_key, skill_score, valid_rows
 
 # The constant baseline probability is clipped before its logarithms are taken, so a train split
 # without (or with only) transitions gives a large finite cross-entropy instead of inf.
@@ -110,7 +110,7 @@ class TransitionTask(Task):
         n = finite(metrics.get("n/transition"))
         if n is None or n <= 0:
             return {"skill/transition": None}
-        return {"skill/transition": skill_score(metrics.get(f"loss/{self.name}"),
+        return {"skill/transition": skill_score(metrics.get(loss_key(self.name)),
                                                 [metrics.get("baseline/transition_bce")])}
 
     # -- predictions ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from han_jax.config import ModelConfig
 from han_jax.core.batch import Inputs
 from han_jax.training.spec import StepSpec
 from han_jax.training.steps import TrainState, create_train_state, with_flat_accumulator, with_tree_accumulator
@@ -122,14 +123,14 @@ class Checkpoints:
         self.best.close()
 
 
-def zero_inputs(spec: StepSpec, daily_len: int, monthly_len: int, batch_size: int = 1) -> Inputs:
-    """An all-unobserved batch of the spec's source layout (only its shapes matter, e.g. to build a state)."""
+def zero_inputs(model: ModelConfig, daily_len: int, monthly_len: int, batch_size: int = 1) -> Inputs:
+    """An all-unobserved batch of the model's source layout (only its shapes matter, e.g. to build a state)."""
     def block(layout, length):
         return ({n: np.zeros((batch_size, length, f), np.float32) for n, f in layout},
                 {n: np.zeros((batch_size, length, f), bool) for n, f in layout})
 
-    df, dm = block(spec.model.daily_sources, daily_len)
-    mf, mm = block(spec.model.monthly_sources, monthly_len)
+    df, dm = block(model.daily_sources, daily_len)
+    mf, mm = block(model.monthly_sources, monthly_len)
     return Inputs(daily_features=df, daily_masks=dm, monthly_features=mf, monthly_masks=mm,
                   month_boundaries=np.zeros((batch_size, monthly_len, 2), np.int32))
 
@@ -137,7 +138,7 @@ def zero_inputs(spec: StepSpec, daily_len: int, monthly_len: int, batch_size: in
 def abstract_state(spec: StepSpec, daily_len: int, monthly_len: int):
     """The shapes and dtypes of the spec's train state, without computing (or compiling) an initialisation."""
     return jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), spec,
-                                                     zero_inputs(spec, daily_len, monthly_len)))
+                                                     zero_inputs(spec.model, daily_len, monthly_len)))
 
 
 def load_checkpoint(run_dir: str, which: str, spec: StepSpec, daily_len: int, monthly_len: int) -> TrainState:

@@ -213,7 +213,7 @@ class SingleDevice(Devices):
 
     def _compile(self, fn, name, spec, *, kind, donate=False):
         jitted = jax.jit(_body(fn, spec, kind, None), donate_argnums=0 if donate else ())
-        return persistent(jitted, name, spec)
+        return persistent(jitted, name, (spec, spec.task_code))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +241,7 @@ class ShardedDevices(Devices):
         in_shardings = {"batch": (r, rows, rows), "train": (r, rows, rows, r), "epoch": (r, r, r)}[kind]
         jitted = jax.jit(_body(fn, spec, kind, None), in_shardings=in_shardings, out_shardings=r,
                          donate_argnums=0 if donate else ())
-        return persistent(jitted, f"sharded_{name}", (spec, self.mesh, DATA_AXIS))
+        return persistent(jitted, f"sharded_{name}", (spec, spec.task_code, self.mesh, DATA_AXIS))
 
     def put_state(self, state):
         # Through the host: every process holds the same values, and device_put of host data onto a

@@ -7,7 +7,8 @@ the same curve is stretched over optimiser updates. optax builds it from Python 
 which a jitted step would bake in as constants, so every new learning rate or epoch count
 would compile every step again. :class:`Schedule` holds the curve's constants as arrays,
 passed to the steps like any other argument, and evaluates optax's formulas with optax's
-operations in optax's order (``tests/test_schedule.py`` checks equality, bit for bit).
+operations in optax's order (``tests/test_schedule.py`` checks it against optax to 1e-6 of the
+learning rate: XLA folds optax's Python constants at compile time, the run-time values it cannot).
 
 A one-epoch run has no warmup: its epoch starts the decay at ``learning_rate``. A warmup
 epoch would leave no epoch to decay over (optax refuses a cosine of length 0) and would

@@ -32,7 +32,7 @@ Deliberate differences from the original trainer:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.struct
 import jax
@@ -291,13 +291,24 @@ def create_train_state(rng: Array, spec: StepSpec, inputs: Inputs, schedule: Opt
         ``Steps.start_epoch(state, 0)`` would set it); without one, at 0.
       log_var_priors: ``StepConfig.log_var_priors``: None for each task's own prior, or one value for all.
     """
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, _ = jax.random.split(rng)
     params = _init_fn(spec.model, spec.policy, spec.rng_impl)(init_rng, inputs)["params"]
-    log_vars = spec.objective.init_log_vars(log_var_priors)
+    return state_with_parameters(rng, spec, params, spec.objective.init_log_vars(log_var_priors), schedule)
+
+
+def state_with_parameters(rng: Array, spec: StepSpec, params, log_vars: Mapping[str, Array],
+                          schedule: Optional[Schedule] = None) -> TrainState:
+    """A train state at step 0 around given parameters and log-variances (fresh optimiser and loss scale).
+
+    ``rng`` is the run's key, split as :func:`create_train_state` splits it: a state built
+    here from converted parameters draws the dropout masks a state initialised with the
+    same seed would.
+    """
+    _, state_rng = jax.random.split(rng)
     return TrainState(
         step=jnp.int32(0),
         params=params,
-        log_vars=log_vars,
+        log_vars=dict(log_vars),
         opt_state=init_optimizer(spec, params, log_vars, schedule),
         loss_scale=make_loss_scale(spec.policy),
         rng=state_rng,
@@ -481,9 +492,6 @@ def test_step(state: TrainState, inputs: Inputs, targets: Targets, *, spec: Step
     return StepOutput(metrics=metrics_from_statistics(statistics, state.log_vars, spec.objective),
                       statistics=statistics, predictions=predictions)
 
-
-# Keep pytest from collecting the step function named test_step.
-test_step.__test__ = False
 
 
 @functools.lru_cache(maxsize=16)
