@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -27,13 +28,13 @@ from han_jax.app.predict import predict_run
 from han_jax.app.run_folder import CONFIG_FILE, RunLocked, read_run_config
 from han_jax.app.runs import prepare
 from han_jax.app.torch_import import CheckpointFormatError, CheckpointMismatch, import_run, read_torch_checkpoint
-from han_jax.app.train import train
+from han_jax.app.train import NoFiniteValidation, train
 from han_jax.app.validation import check_int, validate_config
 from han_jax.config import PRESETS, ConfigError, DataConfig, get_config
 from han_jax.core.precision import Policy
 from han_jax.data import SOURCES, DataError, iterate_batches
 from han_jax.tasks import loss_key
-from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR
+from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR, CheckpointDamaged
 from han_jax.training.compilation_cache import default_cache_dir, enable_compilation_cache
 from han_jax.training.devices import PARALLEL_KINDS, SingleDevice, check_batch
 from han_jax.training.distributed import (
@@ -46,6 +47,8 @@ from han_jax.training.schedule import Schedule
 from han_jax.training.spec import StepSpec
 from han_jax.training.steps import create_train_state
 
+DEFAULT_PRESET = "small"
+
 
 class CommandError(Exception):
     """A user error of a command that is not a configuration value (a missing or unreadable input file)."""
@@ -53,7 +56,7 @@ class CommandError(Exception):
 
 # What a command reports in one line (exit status 2) instead of a traceback: the user's to fix, not a bug.
 USER_ERRORS = (ConfigError, DataError, CommandError, FileNotFoundError, FileExistsError, RunLocked,
-               DistributedStartError)
+               DistributedStartError, CheckpointDamaged, NoFiniteValidation)
 
 
 def _coerce(value: str, annotation, current):
@@ -127,21 +130,36 @@ def _resumed_config(args):
 def build_config(args):
     """The starting configuration with the command's flags and ``--set`` overrides applied, validated.
 
-    A new run starts from ``--preset``. ``--resume`` starts from the run's own
-    ``config.json``, so only what this command line states explicitly (flags,
-    ``--set``) can differ from it; ``train`` then checks those differences.
-    No data is read and no JAX work is done here.
+    A new run starts from ``--preset`` (default ``small``). ``--resume`` starts from the
+    run's own ``config.json``, and everything this command line states is a request
+    that ``train`` checks against it (equal is fine, different is refused unless
+    named with ``--resume-override``): a typed ``--preset`` starts from that preset, as
+    a new run would, so every field it sets is compared; ``--data``, ``--policy``,
+    ``--devices`` and the other flags and ``--set`` change their fields. No data is read
+    and no JAX work is done here.
     """
     saved = _resumed_config(args)
-    config = saved if saved is not None else get_config(args.preset)
-    if getattr(args, "data", None) == "losses" and not (saved is not None and saved.data.source == "losses"):
-        # Absolute paths: config.json must find the data again from any working directory; none: the bundled
-        # snapshot, found on any machine.
-        losses_dir = os.path.abspath(args.losses_dir) if args.losses_dir else None
-        monthly_csv_dir = os.path.abspath(args.monthly_csv_dir) if args.monthly_csv_dir else None
+    preset = getattr(args, "preset", None)
+    config = saved if saved is not None and preset is None else get_config(preset or DEFAULT_PRESET)
+    data_kind = getattr(args, "data", None)
+    if data_kind == "synthetic" and config.data.source != "synthetic":
+        d = config.data
+        config = config.replace(data=dataclasses.replace(DataConfig(), daily_seq_len=d.daily_seq_len,
+                                                         monthly_seq_len=d.monthly_seq_len))
+    # Absolute paths: config.json must find the data again from any working directory; none: the bundled
+    # snapshot, found on any machine.
+    losses_dir = os.path.abspath(args.losses_dir) if getattr(args, "losses_dir", None) else None
+    monthly_csv_dir = os.path.abspath(args.monthly_csv_dir) if getattr(args, "monthly_csv_dir", None) else None
+    if data_kind == "losses" and config.data.source != "losses":
         d = config.data
         config = config.replace(data=DataConfig.losses(
             losses_dir, monthly_csv_dir, daily_seq_len=d.daily_seq_len, monthly_seq_len=d.monthly_seq_len))
+    elif losses_dir or monthly_csv_dir:
+        if config.data.source != "losses":
+            flag = "--losses-dir" if losses_dir else "--monthly-csv-dir"
+            raise ConfigError(f"{flag}: real-data folders are read with --data losses; expected --data losses too")
+        paths = {k: v for k, v in (("losses_dir", losses_dir), ("monthly_csv_dir", monthly_csv_dir)) if v}
+        config = config.replace(data=dataclasses.replace(config.data, **paths))
     train_kw = {}
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("patience", "patience"),
                         ("seed", "seed"), ("devices", "num_devices"), ("parallel", "parallel")):
@@ -163,9 +181,10 @@ def build_config(args):
 
 
 def _common(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                   help="small: the README's main job; tiny: tests; default: the original's full-size model and data")
-    p.add_argument("--data", choices=SOURCES, default="synthetic",
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"{DEFAULT_PRESET} (default): the README's main job; tiny: tests; default: the original's "
+                        "full-size model and data (with --resume: compared with the run's configuration)")
+    p.add_argument("--data", choices=SOURCES,
                    help="embedded synthetic world (default) or the real public loss data")
     p.add_argument("--losses-dir", help="directory of russia_losses_*.json (default: the snapshot bundled with "
                                         "han-jax, to 2025-12-31; see docs/usage.md)")
@@ -300,7 +319,8 @@ def cmd_evaluate(args) -> int:
             check_batch(args.batch_size, args.devices, field="--batch-size", devices=f"--devices={args.devices}")
     _force_host_devices(args.devices)
     evaluate_run(args.run_dir, checkpoint=args.checkpoint, batch_size=args.batch_size, num_devices=args.devices or 1,
-                 parallel=args.parallel or "sharded", data_overrides=_data_overrides(args), out=args.out)
+                 parallel=args.parallel or "sharded", data_overrides=_data_overrides(args), out=args.out,
+                 force=args.force)
     return 0
 
 
@@ -317,7 +337,7 @@ def cmd_predict(args) -> int:
             raise ConfigError(f"--set {item!r}: expected data.field=value (predict changes only where the data is)")
         overrides[parts[1]] = getattr(_set_path(DataConfig(), parts[1:], value, path), parts[1])
     predict_run(args.run_dir, checkpoint=args.checkpoint, data_overrides=overrides, date_from=args.date_from,
-                date_to=args.date_to, out=args.out, plot=args.plot, batch_size=args.batch_size)
+                date_to=args.date_to, out=args.out, plot=args.plot, batch_size=args.batch_size, force=args.force)
     return 0
 
 
@@ -375,6 +395,23 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _user_message(error: BaseException, args) -> str:
+    """One line for a user error; an OS error (permissions, a full disk, a file where a folder was expected) names
+    its file and what the user can do."""
+    if not isinstance(error, OSError) or isinstance(error, USER_ERRORS) and error.strerror is None:
+        return _one_line(error)
+    where = error.filename or getattr(args, "run_dir", None) or "a file"
+    if error.errno == errno.ENOSPC:
+        tail = "; the run folder is resumable with --resume once there is space" if args.command == "train" else ""
+        return f"no space left on the device while writing {where}{tail}"
+    hint = {errno.EACCES: "expected a file or folder you may read and write",
+            errno.EPERM: "expected a file or folder you may read and write",
+            errno.EISDIR: "expected a file, not a folder",
+            errno.ENOTDIR: "expected a folder, or a path through folders",
+            errno.EROFS: "expected a writable file system"}.get(error.errno, "")
+    return f"{where}: {error.strerror or _one_line(error)}" + (f"; {hint}" if hint else "")
+
+
 def main(argv=None) -> int:
     """Runs one command; a user error (:data:`USER_ERRORS`) is one line on stderr and exit status 2."""
     parser = argparse.ArgumentParser(prog="han-jax", description=__doc__.splitlines()[0])
@@ -409,6 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, help="rows per step (default: the run's); no number depends on it")
     _device_flags(p, note="; no number depends on it")
     p.add_argument("--out", help="write {split: {metric: value}} JSON here")
+    p.add_argument("--force", action="store_true", help="write --out even over a run folder's own file")
     p.add_argument("--losses-dir", help="score on these loss records instead of the run's data (same layout)")
     p.add_argument("--monthly-csv-dir", help="monthly source / target CSVs for real data (default: the run's)")
     p.set_defaults(func=cmd_evaluate)
@@ -423,9 +461,10 @@ def main(argv=None) -> int:
                    help="change where the data comes from, e.g. data.n_days=400 (data fields only)")
     p.add_argument("--from", dest="date_from", metavar="DATE", help="first anchor day YYYY-MM-DD (default: --to)")
     p.add_argument("--to", dest="date_to", metavar="DATE", help="last anchor day (default: the data's last day)")
-    p.add_argument("--out", default="predictions.csv", help="the CSV to write (default ./predictions.csv)")
+    p.add_argument("--out", help="the CSV to write (default RUN_DIR/predict/predictions.csv)")
     p.add_argument("--plot", help="the picture to write (default forecast.png beside --out)")
     p.add_argument("--batch-size", type=int, help="rows per forward call (default: the run's)")
+    p.add_argument("--force", action="store_true", help="write --out/--plot even over a run folder's own files")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("import-torch", help="a run folder from a checkpoint of the original PyTorch trainer")
     p.add_argument("checkpoint", help="the .pt file (model_state_dict, multi_task_loss_state_dict, ...)")
@@ -448,10 +487,16 @@ def main(argv=None) -> int:
                                      os.path.abspath(args.compilation_cache) if args.compilation_cache
                                      else default_cache_dir())
         return args.func(args)
-    except USER_ERRORS as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"han-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        resume = "; resume with --resume" if args.command == "train" else ""
+        print(f"han-jax {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130  # the shell's status for a process ended by SIGINT
+    except (*USER_ERRORS, OSError) as e:
+        if args.debug:
+            raise
+        print(f"han-jax {args.command}: error: {_user_message(e, args)}", file=sys.stderr)
         return 2
 
 

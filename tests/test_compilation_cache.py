@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from han_jax.training.compilation_cache import ENV, default_cache_dir, enable_compilation_cache
+from han_jax.training.compilation_cache import ENV, default_cache_dir, enable_compilation_cache, stored_entries
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
@@ -62,9 +62,9 @@ def test_a_warm_start_loads_the_cached_steps_and_gives_the_same_numbers(tiny_run
     cold = _evaluate(tiny_run_dir, str(tmp_path / "cold.json"), "--compilation-cache", str(cache), env=env)
     entries = set(os.listdir(cache))
     assert entries, "the cold start wrote no compiled step into the cache"
-    stored = sorted(name.split("-")[0] for name in os.listdir(cache / "executables"))
+    stored = sorted(name.split("-")[0] for name in stored_entries(cache / "executables"))
     assert stored == ["test_step"], stored  # evaluate scores every split with test_step
-    before = {name: os.stat(cache / "executables" / name).st_mtime_ns for name in os.listdir(cache / "executables")}
+    before = {name: os.stat(cache / "executables" / name).st_mtime_ns for name in stored_entries(cache / "executables")}
     warm = _evaluate(tiny_run_dir, str(tmp_path / "warm.json"), "--compilation-cache", str(cache), env=env)
     assert warm == cold
     # Loaded, not compiled and rewritten.
@@ -112,7 +112,7 @@ def test_a_stored_executable_is_loaded_without_tracing_and_gives_the_same_number
     jitted, traces = _counted()
     first = persistent(jitted, "toy", ("config", 1))(x, y)
     assert len(traces) == 1
-    entries = os.listdir(executable_dir)
+    entries = stored_entries(executable_dir)
     assert len(entries) == 1 and entries[0].startswith("toy-") and entries[0].endswith(".jaxexe")
     jitted, traces = _counted()  # a new process: new function objects, the same folder
     again = persistent(jitted, "toy", ("config", 1))
@@ -126,7 +126,7 @@ def test_a_stored_executable_is_loaded_without_tracing_and_gives_the_same_number
         jitted, traces = _counted()
         persistent(jitted, name, key)(x, y)
         assert len(traces) == 1, (name, key)
-    assert len(os.listdir(executable_dir)) == 4
+    assert len(stored_entries(executable_dir)) == 4
 
 
 def test_python_scalars_are_one_signature_whatever_their_value(executable_dir):
@@ -137,7 +137,7 @@ def test_python_scalars_are_one_signature_whatever_their_value(executable_dir):
 
     wrapped = persistent(jax.jit(lambda x, epoch: x * epoch), "toy", "k")
     assert [float(wrapped(jnp.float32(2.0), epoch)) for epoch in (1, 2, 3)] == [2.0, 4.0, 6.0]
-    assert len(os.listdir(executable_dir)) == 1 and len(wrapped._compiled) == 1
+    assert len(stored_entries(executable_dir)) == 1 and len(wrapped._compiled) == 1
 
 
 def test_a_broken_entry_is_reported_and_rebuilt(executable_dir, capsys):
@@ -149,7 +149,7 @@ def test_a_broken_entry_is_reported_and_rebuilt(executable_dir, capsys):
     x = jnp.ones((2, 3))
     jitted, _ = _counted()
     expected = persistent(jitted, "toy", "k")(x, x)
-    (entry,) = os.listdir(executable_dir)
+    (entry,) = stored_entries(executable_dir)
     path = os.path.join(executable_dir, entry)
     with open(path, "r+b") as f:
         f.truncate(100)
@@ -158,7 +158,7 @@ def test_a_broken_entry_is_reported_and_rebuilt(executable_dir, capsys):
     assert len(traces) == 1
     err = capsys.readouterr().err
     assert f"compiled executable {path} could not be loaded" in err and "compiling it again" in err
-    assert os.path.getsize(path) > 100 and os.listdir(executable_dir) == [entry]  # rewritten whole
+    assert os.path.getsize(path) > 100 and stored_entries(executable_dir) == [entry]  # rewritten whole
 
 
 def test_without_a_folder_or_inside_a_trace_it_is_plain_jit(tmp_path):
@@ -225,7 +225,7 @@ def test_without_store_runs_when_nothing_is_stored(executable_dir):
         return x + 1
 
     wrapped = persistent(jax.jit(lambda x: x + 1), "toy", "k", without_store=eager)
-    assert float(wrapped(jnp.float32(1.0))) == 2.0 and calls == [] and os.listdir(executable_dir)
+    assert float(wrapped(jnp.float32(1.0))) == 2.0 and calls == [] and stored_entries(executable_dir)
     compilation_cache.set_executable_dir(None)
     assert float(wrapped(jnp.float32(1.0))) == 2.0 and calls == [1]
 
@@ -260,7 +260,7 @@ def test_an_entry_stored_after_a_hit_in_jax_own_cache_runs_in_a_new_process(tmp_
         if stage == "jax-only":
             assert any(name.startswith("jit_f-") for name in os.listdir(tmp_path / "xla"))
     assert outputs[0] == outputs[1] == outputs[2] == ["45.695655822753906", "840.0"]
-    assert len(os.listdir(tmp_path / "xla" / "executables")) == 1
+    assert len(stored_entries(tmp_path / "xla" / "executables")) == 1
 
 
 def test_runs_that_differ_only_in_loop_data_or_schedule_share_a_cache_entry(tiny, executable_dir):

@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from han_jax.app.run_folder import read_run_config
+from han_jax.app.run_folder import check_output_file, read_run_config, saved_data_paths
 from han_jax.app.runs import prepare
 from han_jax.config import ConfigError
 from han_jax.core.batch import Targets
@@ -159,7 +159,7 @@ def metrics_table(final: Mapping[str, Mapping], tasks: Sequence, *, title: str) 
 
 def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional[int] = None,
                  num_devices: int = 1, parallel: str = "sharded", data_overrides: Optional[dict] = None,
-                 out: Optional[str] = None, log=print) -> dict:
+                 out: Optional[str] = None, force: bool = False, log=print) -> dict:
     """Scores a saved run on train, val and test (``han-jax evaluate``).
 
     Args:
@@ -170,13 +170,18 @@ def evaluate_run(run_dir: str, *, checkpoint: str = "best", batch_size: Optional
       parallel: how they share it, ``"sharded"`` or ``"pmap"`` (:mod:`han_jax.training.devices`).
       data_overrides: ``DataConfig`` fields to change (default: the run's own data).
       out: where to write ``{split: {metric: value}}`` JSON.
+      force: write ``out`` even where it is one of a run folder's own files.
 
     Returns:
       ``{split: metrics}``.
     """
+    if out:
+        check_output_file(out, "--out", force=force)
     config, saved = read_run_config(run_dir)
     if data_overrides:
         config = config.replace(data=dataclasses.replace(config.data, **data_overrides))
+    for line in saved_data_paths(run_dir, config.data, data_overrides):
+        log(line)
     batch_size = config.train.batch_size if batch_size is None else batch_size
     check_batch(batch_size, num_devices, field="--batch-size", devices=f"--devices={num_devices}")
     datasets, resolved = prepare(config)

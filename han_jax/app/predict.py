@@ -24,6 +24,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from han_jax.app.run_folder import FORECAST_PLOT, PREDICTIONS_FILE, check_output_file, saved_data_paths
 from han_jax.app.runs import Run, load_run
 from han_jax.core.files import atomic_write
 from han_jax.data import DataLayout, InferenceWindows, Normalisation, SplitData, iterate_batches
@@ -31,6 +32,9 @@ from han_jax.data.pipeline import parse_day
 from han_jax.tasks import TableContext
 from han_jax.training.devices import SingleDevice
 from han_jax.training.spec import StepSpec
+
+# The default folder of predict's files, inside the run folder beside (never over) what train wrote.
+PREDICT_DIR = "predict"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +169,8 @@ def plot_forecast(table: PredictionTable, path: str, tasks: Sequence, *, title: 
 
 
 def predict_run(run_dir: str, *, checkpoint: str = "best", data_overrides: Optional[dict] = None, date_from=None,
-                date_to=None, out: str = "predictions.csv", plot: Optional[str] = None,
-                batch_size: Optional[int] = None, log=print) -> PredictionTable:
+                date_to=None, out: Optional[str] = None, plot: Optional[str] = None,
+                batch_size: Optional[int] = None, force: bool = False, log=print) -> PredictionTable:
     """``han-jax predict``: a saved run's predictions for every anchor in a date range of (new) data.
 
     The inputs are normalised with the run's saved statistics, never refitted;
@@ -178,9 +182,11 @@ def predict_run(run_dir: str, *, checkpoint: str = "best", data_overrides: Optio
       checkpoint: ``"best"`` or ``"latest"``.
       data_overrides: ``DataConfig`` fields saying where the data is (default: the run's own data).
       date_from, date_to: the anchor range (``YYYY-MM-DD``); default the data's last day.
-      out: the CSV to write.
+      out: the CSV to write (default ``RUN/predict/predictions.csv``: beside the run's
+        files, never over them).
       plot: the picture to write (default ``forecast.png`` beside ``out``).
       batch_size: rows per forward call (default the run's).
+      force: write ``out`` or ``plot`` even where it is one of a run folder's own files.
 
     Returns:
       The :class:`PredictionTable` written.
@@ -191,13 +197,18 @@ def predict_run(run_dir: str, *, checkpoint: str = "best", data_overrides: Optio
             parse_day(value, name)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: expected at least 1")
+    out = out or os.path.join(run_dir, PREDICT_DIR, PREDICTIONS_FILE)
+    plot = plot or os.path.join(os.path.dirname(os.path.abspath(out)), FORECAST_PLOT)
+    check_output_file(out, "--out", force=force)
+    check_output_file(plot, "--plot", force=force)
     run = load_run(run_dir, checkpoint)
     data = dataclasses.replace(run.config.data, **(data_overrides or {}))
+    for line in saved_data_paths(run_dir, data, data_overrides):
+        log(line)
     windows = run.windows(data=data, date_from=date_from, date_to=date_to)
     for line in windows.report:
         log(f"data: {line}")
     table = predict_windows(run, windows, batch_size=batch_size)
-    plot = plot or os.path.join(os.path.dirname(os.path.abspath(out)), "forecast.png")
     table.write_csv(out)
     tasks = run.spec.objective.tasks
     plot_forecast(table, plot, tasks, title=f"{run_dir} ({checkpoint} checkpoint): {len(table)} anchor(s) "

@@ -23,20 +23,34 @@ import dataclasses
 import fcntl
 import json
 import os
+import zipfile
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from han_jax.app.summaries import TENSORBOARD_DIR
+from han_jax.app.validation import validate_config
 from han_jax.config import Config, ConfigError, Resolved, config_from_dict, config_to_dict
-from han_jax.core.files import atomic_write, write_json
+from han_jax.core.files import atomic_write, open_regular, write_json
 from han_jax.core.precision import Policy
-from han_jax.data import DataLayout, Normalisation
+from han_jax.data import DataError, DataLayout, Normalisation
+from han_jax.training.checkpoints import CHECKPOINTS_DIR
 
 CONFIG_FILE = "config.json"
 RESOLVED_FILE = "resolved.json"
 NORM_STATS_FILE = "norm_stats.npz"
 LAYOUT_FILE = "layout.json"
 LOCK_FILE = ".lock"
+# What han-jax train writes beside them.
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "predictions.csv"
+FORECAST_PLOT = "forecast.png"
+CURVES_PLOT = "curves.png"
+# A run folder's own files and folders: no other command writes over them unless told to (--force).
+RUN_FILES = (CONFIG_FILE, RESOLVED_FILE, NORM_STATS_FILE, LAYOUT_FILE, LOCK_FILE, METRICS_FILE, SUMMARY_FILE,
+             PREDICTIONS_FILE, FORECAST_PLOT, CURVES_PLOT)
+RUN_FOLDERS = (CHECKPOINTS_DIR, TENSORBOARD_DIR)
 # Fields a resumed run may change without --resume-override: they decide how long the loop runs and what
 # it reports, not what a step computes. ``train.epochs`` is also the length of the learning-rate schedule:
 # extending a run stretches the cosine decay from the resumed epoch on, which is what extending a run means.
@@ -81,26 +95,59 @@ def read_run_config(run_dir: str) -> tuple[Config, Resolved]:
     ``config.json`` (the model's source layout, ``step.optim.steps_per_epoch``): they are
     read from there.
 
+    The configuration is validated as a new one is (:func:`~han_jax.app.validation.validate_config`):
+    an edited file fails here, naming the file and the field, not deep inside JAX.
+
     Raises:
       FileNotFoundError: no ``config.json``.
-      ValueError: a file that does not hold a configuration (the message names the file and field).
+      ConfigError: a file that is not JSON or does not hold a valid configuration (the message names the
+        file and the position or field).
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found; expected a run folder written by 'han-jax train'")
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path)
     resolved_path = os.path.join(run_dir, RESOLVED_FILE)
     if os.path.exists(resolved_path):
-        with open(resolved_path) as f:
-            resolved = config_from_dict(json.load(f), Resolved, where=resolved_path)
-        return config_from_dict(data, where=path), resolved
-    optim = data.get("step", {}).get("optim", {}) if isinstance(data, dict) else {}
-    steps_per_epoch = optim.pop("steps_per_epoch", 1)
-    config = config_from_dict(data, where=path)
-    resolved = Resolved(daily_sources=config.model.daily_sources, monthly_sources=config.model.monthly_sources,
-                        steps_per_epoch=steps_per_epoch)
+        resolved = config_from_dict(read_json(resolved_path), Resolved, where=resolved_path)
+        config = config_from_dict(data, where=path)
+    else:
+        optim = data.get("step", {}).get("optim", {}) if isinstance(data, dict) else {}
+        steps_per_epoch = optim.pop("steps_per_epoch", 1)
+        config = config_from_dict(data, where=path)
+        resolved = Resolved(daily_sources=config.model.daily_sources, monthly_sources=config.model.monthly_sources,
+                            steps_per_epoch=steps_per_epoch)
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return config, resolved
+
+
+def saved_data_paths(run_dir: str, data, overrides) -> list:
+    """Report lines for the data folders a command reads because the run's ``config.json`` names them.
+
+    A run folder can come from someone else: the folders it makes a command read are said,
+    not taken silently.
+    """
+    lines = []
+    for field in ("losses_dir", "monthly_csv_dir"):
+        value = getattr(data, field)
+        if value is not None and field not in (overrides or {}):
+            lines.append(f"data: {field} {value}, as saved in {os.path.join(run_dir, CONFIG_FILE)}")
+    return lines
+
+
+def read_json(path: str):
+    """The JSON value in ``path``; a file that is not JSON text is one line naming it and the position."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected the file "
+                          "han-jax wrote") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected the JSON file han-jax wrote") from None
 
 
 def read_description(run_dir: str) -> tuple[Normalisation, DataLayout]:
@@ -115,11 +162,47 @@ def read_description(run_dir: str) -> tuple[Normalisation, DataLayout]:
             f"{run_dir}: no {' or '.join(missing)}; this run folder was written before han-jax saved the "
             "normalisation statistics and the data layout with a run, so it cannot predict on new data: train it "
             "again (han-jax evaluate still scores it on its own data)")
-    with np.load(os.path.join(run_dir, NORM_STATS_FILE), allow_pickle=False) as arrays:
-        normalisation = Normalisation.from_arrays(dict(arrays), where=os.path.join(run_dir, NORM_STATS_FILE))
-    with open(os.path.join(run_dir, LAYOUT_FILE)) as f:
-        layout = DataLayout.from_dict(json.load(f), where=os.path.join(run_dir, LAYOUT_FILE))
+    norm_path = os.path.join(run_dir, NORM_STATS_FILE)
+    try:
+        with np.load(norm_path, allow_pickle=False) as arrays:
+            loaded = dict(arrays)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{norm_path}: cannot be read ({type(e).__name__}); expected the statistics han-jax "
+                        "wrote") from None
+    normalisation = Normalisation.from_arrays(loaded, where=norm_path)
+    layout_path = os.path.join(run_dir, LAYOUT_FILE)
+    layout = DataLayout.from_dict(read_json(layout_path), where=layout_path)
     return normalisation, layout
+
+
+def check_output_file(path: str, flag: str, *, force: bool = False) -> None:
+    """Refuses, before any slow work, an output ``path`` that is a folder or a run folder's own file.
+
+    ``han-jax predict --out`` or ``evaluate --out`` pointed at a run's ``config.json`` (or run
+    inside a run folder with a relative default) would destroy the run; ``force`` is the user
+    saying so on purpose. A run folder's own files are those of :data:`RUN_FILES` beside a
+    ``config.json`` and everything under its :data:`RUN_FOLDERS`.
+
+    Raises:
+      FileExistsError: ``path`` is a folder, or a run's file without ``force`` (naming the run folder).
+    """
+    if os.path.isdir(path):
+        raise FileExistsError(f"{flag} {path}: is a folder; expected the path of a file to write")
+    if force:
+        return
+    real = os.path.realpath(path)
+    folder, name = os.path.split(real)
+    if name in RUN_FILES and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise FileExistsError(f"{flag} {path}: is the run folder {folder}'s own {name}; expected a path outside "
+                              "the run's files (e.g. a subfolder), or --force to overwrite it")
+    parent = folder
+    while True:
+        parent, child = os.path.split(parent)
+        if child in RUN_FOLDERS and os.path.isfile(os.path.join(parent, CONFIG_FILE)):
+            raise FileExistsError(f"{flag} {path}: is inside the run folder {parent}'s {child}/; expected a path "
+                                  "outside the run's files, or --force")
+        if not child:
+            return
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +255,7 @@ def _acquire_lock(path: str, run_dir: str) -> int:
     while True:
         os.makedirs(run_dir, exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # a releasing holder removed the folder it had created: again
             continue
         try:

@@ -51,6 +51,7 @@ import functools
 import os
 import pickle
 import re
+import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -870,6 +871,9 @@ def read_torch_checkpoint(path: str, *, trust_pickle: bool = False, strict_loss_
                 "read it with trust_pickle=True (a full unpickle, which can run code from the file)"
             ) from err
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:  # not a file torch.save wrote
+        detail = " ".join(str(err).split())[:160]
+        raise CheckpointFormatError(f"{path}: not a torch checkpoint ({type(err).__name__}: {detail})") from err
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
     if "model_state_dict" not in obj:
@@ -879,6 +883,11 @@ def read_torch_checkpoint(path: str, *, trust_pickle: bool = False, strict_loss_
             f"{path}: neither the original trainer's checkpoint (no 'model_state_dict') nor a state_dict of tensors; "
             f"top-level keys: {_listing(sorted(map(str, obj)))}")
 
+    for key in ("model_state_dict", "multi_task_loss_state_dict"):
+        value = obj.get(key)
+        if value is not None and not (isinstance(value, Mapping) and all(_is_tensor(torch, v) for v in value.values())):
+            raise CheckpointFormatError(f"{path}: '{key}' holds a {type(value).__name__}; expected a state_dict "
+                                        "(a dict of tensors)")
     state_dict = {k: _as_numpy(v) for k, v in obj["model_state_dict"].items()}
     loss_state = obj.get("multi_task_loss_state_dict")
     loss_state = None if loss_state is None else {k: _as_numpy(v) for k, v in loss_state.items()}

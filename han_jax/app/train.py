@@ -30,6 +30,11 @@ from han_jax.app.evaluate import (
 from han_jax.app.predict import concat_tables, plot_forecast, prediction_table
 from han_jax.app.run_folder import (
     CONFIG_FILE,
+    CURVES_PLOT,
+    FORECAST_PLOT,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
     check_resume_config,
     lock_run_dir,
     read_run_config,
@@ -38,8 +43,8 @@ from han_jax.app.run_folder import (
 from han_jax.app.runs import prepare
 from han_jax.app.summaries import open_writer, write_scalars
 from han_jax.app.validation import validate_config
-from han_jax.config import Config, config_to_dict
-from han_jax.core.files import atomic_write, write_json
+from han_jax.config import Config, ConfigError, config_to_dict
+from han_jax.core.files import append_text, atomic_write, json_safe, non_finite_keys, write_json
 from han_jax.data import iterate_batches, num_batches
 from han_jax.tasks import loss_key, targets_key
 from han_jax.training.accumulate import EpochAccumulator
@@ -84,6 +89,10 @@ def train_epoch(steps, state, split, batch_size: int, *, spec: StepSpec, devices
             progress.update(1)
             progress.set_postfix(loss=f"{float(devices.first(out.metrics)['weighted_total']):.4f}")
     return state, acc.result(devices.first(state.log_vars), spec.objective), time.perf_counter() - start
+
+
+class NoFiniteValidation(RuntimeError):
+    """Training ended without one epoch whose validation total was finite: nothing to select or score."""
 
 
 def _epoch_line(epoch, train_m, val_m, best_marker, tasks) -> str:
@@ -153,6 +162,10 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
             log(f"resume: configuration changed in {', '.join(changed)}")
     log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
     datasets, resolved = prepare(config, log=log)
+    if tc.batch_size > len(datasets.train):
+        # Every step would be mostly padding, and the evaluation batches of that size could not fit in memory.
+        raise ConfigError(f"train.batch_size={tc.batch_size}: expected at most the {len(datasets.train)} training "
+                          "anchors of this data")
     # What the user asked for, what the data gave, and how its inputs were made: the folder alone can predict.
     if primary:
         write_run_description(run_dir, config, resolved, datasets.normalisation, datasets.layout)
@@ -173,7 +186,7 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
 
     ckpt = Checkpoints(run_dir, place=lambda s: devices.checkpoint_view(devices.put_state(s)))
     history, best_val, best_epoch, bad_epochs, start_epoch = [], math.inf, -1, 0, 0
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
     if resume:
         restored, meta = ckpt.resume(state, log=log)
         if restored is None:
@@ -223,11 +236,10 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
         for phase, m in phases.items():
             shared = {k: v for k, v in m.items() if k in val_m}
             extra = {k: v for k, v in m.items() if k not in val_m}
-            lines.append(json.dumps({"epoch": epoch, "phase": phase, "metrics": shared, "extra": extra}) + "\n")
+            lines.append(metrics_line(epoch, phase, shared, extra))
             write_scalars(writer, epoch, phase, m)
         if primary:
-            with open(metrics_path, "a") as f:  # one write: a crash tears at most this epoch's last line
-                f.write("".join(lines))
+            append_text(metrics_path, "".join(lines))  # one write: a crash tears at most this epoch's last line
         if writer is not None:
             writer.flush()
         history.append({"epoch": epoch, **{p: {"weighted_total": m["weighted_total"], "simple_total": m["simple_total"]}
@@ -248,6 +260,18 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
             log(f"early stopping at epoch {epoch}: no val improvement for {tc.patience} epochs")
             break
 
+    if best_epoch < 0:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+        if primary:
+            write_json(os.path.join(run_dir, SUMMARY_FILE),
+                       {"config": config_to_dict(config), "resolved": config_to_dict(resolved), "n_params": n_params,
+                        "best_epoch": None, "best_val_weighted_total": None, "final": None})
+        raise NoFiniteValidation(
+            f"{run_dir}: no epoch had a finite validation weighted_total, so there is no best checkpoint to "
+            "score; metrics.jsonl and checkpoints/latest are kept (a learning rate too high, "
+            "step.optim.learning_rate, is the usual cause)")
     log(f"Training complete. Best val weighted_total {best_val:.4f} at epoch {best_epoch}")
     best_state, _ = ckpt.restore(ckpt.best, devices.local_state(state))
     ckpt.close()
@@ -266,23 +290,36 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
     }
     if not primary:
         return summary
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+    write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     log(metrics_table(final, tasks, title="Final metrics (best checkpoint, exact split metrics, one shared path for "
                                           "every split):"))
-    plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), tasks)
+    plot_curves(metrics_path, os.path.join(run_dir, CURVES_PLOT), tasks)
     table = concat_tables([
         prediction_table(predictions[name], split, datasets.calendar.day_dates[split.anchors], spec=spec,
                          normalisation=datasets.normalisation, layout=datasets.layout,
                          prediction_horizon=config.data.prediction_horizon, split_name=name)
         for name, split in datasets.splits.items()])
-    table.write_csv(os.path.join(run_dir, "predictions.csv"))
-    plot_forecast(table, os.path.join(run_dir, "forecast.png"), tasks,
+    table.write_csv(os.path.join(run_dir, PREDICTIONS_FILE))
+    plot_forecast(table, os.path.join(run_dir, FORECAST_PLOT), tasks,
                   title=f"{run_dir}: best checkpoint (epoch {best_epoch}) on every split")
     return summary
 
 
 def _silent(*args, **kwargs) -> None:
     """The log of a process other than 0: process 0 reports for the run."""
+
+
+def metrics_line(epoch: int, phase: str, metrics: dict, extra: dict) -> str:
+    """One line of ``metrics.jsonl``: strict JSON, a non-finite value as null and its key in ``non_finite``.
+
+    ``NaN`` and ``Infinity`` are not JSON, and a reader other than Python's would reject
+    the whole file; the keys say which nulls were not a missing value but a non-finite one.
+    """
+    row = {"epoch": epoch, "phase": phase, "metrics": json_safe(metrics), "extra": json_safe(extra)}
+    bad = non_finite_keys(metrics) + non_finite_keys(extra)
+    if bad:
+        row["non_finite"] = bad
+    return json.dumps(row, allow_nan=False) + "\n"
 
 
 def _rewrite_metrics(path: str, upto_epoch: int) -> None:

@@ -40,6 +40,8 @@ from han_jax.core.aggregate import STRATEGIES
 from han_jax.core.precision import Policy
 from han_jax.data import SOURCES, DataError, check_config
 from han_jax.data.synthetic import resolve_spec
+from han_jax.model.daily_temporal import MULTI_SCALE_GROUPS
+from han_jax.model.heads import CONTEXT_HEADS
 from han_jax.training.devices import PARALLEL_KINDS, check_batch
 from han_jax.training.schedule import SCHEDULE_UNITS
 from han_jax.training.steps import RNG_IMPLS
@@ -123,6 +125,12 @@ def _check_model(m: ModelConfig) -> None:
         check_int(f"model.{name}", getattr(m, name))
     if m.d_model % m.nhead:
         _fail("model.d_model", m.d_model, f"a multiple of model.nhead={m.nhead} (each head takes d_model / nhead)")
+    if (m.d_model // 4) % MULTI_SCALE_GROUPS:
+        _fail("model.d_model", m.d_model, f"d_model // 4 a multiple of {MULTI_SCALE_GROUPS} (the daily temporal "
+              f"encoder's multi-scale convolutions have d_model // 4 channels in {MULTI_SCALE_GROUPS} groups)")
+    if not m.use_latent_forecast and m.d_model % CONTEXT_HEADS:
+        _fail("model.d_model", m.d_model, f"a multiple of {CONTEXT_HEADS} (the daily forecasting head of "
+              f"model.use_latent_forecast=false has {CONTEXT_HEADS} heads)")
     check_number("model.dropout", m.dropout, low=0.0, high=1.0, high_open=True)
     check_int("model.attention_block", m.attention_block, minimum=0)
     for name in ("causal", "use_latent_forecast", "forecast_residual", "regime_daily_state", "remat",

@@ -99,6 +99,10 @@ USED_EQUIPMENT = ("drone", "cruise_missiles", "tank", "APC", "field_artillery", 
 # increase of any counter is personnel's 3,160): 1e7 leaves about 8x headroom for newer files
 # and still catches an exponent or unit slip (1e30, a count in the billions).
 MAX_CUMULATIVE = 1e7
+# A one-day spike: a rise this many times the field's typical (median) daily rise that falls back by at
+# least half of it the next day. No cumulative counter of the bundled data comes near (its largest such
+# ratio is 1.4, APC); a typo such as an extra digit on one day is hundreds to thousands.
+SPIKE_RATIO = 20.0
 # What the loader does with a value that fails the checks (DataConfig.implausible_values).
 IMPLAUSIBLE_VALUES = ("error", "clip", "drop")
 BUNDLED = ("bundled", "losses")
@@ -131,10 +135,13 @@ def _load_records(path: str) -> list:
     if not os.path.exists(path):
         raise MissingFileError(f"{path}: file not found; expected the 2022-Ukraine-Russia-War-Dataset JSON here")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); expected a list of daily records") from e
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected a list of "
+                        "daily records") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON list of daily records") from None
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of daily records")
     return data
@@ -215,6 +222,39 @@ def _checked(path: str, field: str, date, v, how: str, report: List[str]) -> Opt
     return None
 
 
+def _repair_spikes(path: str, field: str, dates, x: np.ndarray, how: str, report: List[str]) -> None:
+    """Finds one-day spikes of a cumulative counter (:data:`SPIKE_RATIO`) and applies ``how`` to them, in place.
+
+    Below the ceiling a wrong value still moves a day's delta by millions (a personnel count
+    of 9,000,000 for a day amid 1.2 million): ``error`` stops the load naming the file, field,
+    date and value; ``clip`` lowers it to the higher of its neighbours (no rise that day);
+    ``drop`` makes it missing. Each repair is a report line.
+    """
+    idx = np.flatnonzero(~np.isnan(x))
+    if len(idx) < 3:
+        return
+    v = x[idx]
+    rises = np.diff(v)
+    typical = max(float(np.median(rises[rises > 0])) if np.any(rises > 0) else 1.0, 1.0)
+    prev, cur, nxt = v[:-2], v[1:-1], v[2:]
+    rise = cur - prev
+    spike = (rise > SPIKE_RATIO * typical) & (cur - nxt > 0.5 * rise)
+    where = f"{os.path.basename(path)}: field '{field}'"
+    for j in np.flatnonzero(spike) + 1:
+        i, value = idx[j], v[j]
+        what = (f"{value:g} on {dates[i]}, a rise of {value - v[j - 1]:g} that falls back the next day "
+                f"({(value - v[j - 1]) / typical:.0f}x its typical daily rise {typical:g})")
+        if how == "error":
+            raise DataError(f"{path}: field '{field}' is {what}; expected a cumulative count without one-day "
+                            "spikes (data.implausible_values=clip or drop repairs it instead, with a report line)")
+        if how == "clip":
+            x[i] = max(v[j - 1], v[j + 1])
+            note(report, f"{where} is {what}; clipped to {x[i]:g} (data.implausible_values=clip)")
+        else:
+            x[i] = np.nan
+            note(report, f"{where} is {what}; dropped, missing: deltas 0 around it (data.implausible_values=drop)")
+
+
 def _numeric_fields(data: list) -> set:
     """The fields with at least one numeric value; the others are text fields (not used)."""
     return {k for r in data for k, v in r.items() if k not in ("date", "day") and _as_number(v) is not None}
@@ -250,6 +290,8 @@ def _read_json(path: str, how: str = "error", report: Optional[List[str]] = None
             if key not in fields:
                 fields[key] = np.full(len(data), np.nan)
             fields[key][i] = x
+    for key, x in fields.items():
+        _repair_spikes(path, key, dates, x, how, report)
     for k, days in from_text.items():
         note(report, f"{fname}: field '{k}' has {len(days)} value(s) written as text (first on {days[0]}); "
                      "read as numbers")
@@ -443,13 +485,23 @@ def _monthly_from_daily(daily: Dict[str, SourceTable], report) -> Dict[str, Sour
 
 
 def _read_csv(path: str, monthly: bool) -> Tuple[np.ndarray, Tuple[str, ...], np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    """Dates, feature names and values of a monthly CSV.
+
+    An error names the file and the position (line, column number), never the file's
+    content: the folder may come from a run folder's ``config.json``, i.e. from someone else.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a CSV file") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a CSV file ({e}); expected 'date' plus feature columns") from None
     if not rows:
         raise DataError(f"{path}: empty file; expected a header with a 'date' column")
     header = [h.strip() for h in rows[0]]
     if "date" not in header:
-        raise DataError(f"{path}: no 'date' column in header {header}; expected 'date' plus feature columns")
+        raise DataError(f"{path}: no 'date' column in the header (line 1); expected 'date' plus feature columns")
     di = header.index("date")
     feats = [h for i, h in enumerate(header) if i != di]
     if not feats:
@@ -464,7 +516,8 @@ def _read_csv(path: str, monthly: bool) -> Tuple[np.ndarray, Tuple[str, ...], np
         try:
             d = np.datetime64(s[:7] if monthly else s[:10], "M" if monthly else "D").astype("datetime64[D]")
         except ValueError as e:
-            raise DataError(f"{path}: line {ln} has date {s!r}; expected YYYY-MM or YYYY-MM-DD") from e
+            raise DataError(f"{path}: line {ln}, column {di + 1} (date) is not a date; expected YYYY-MM or "
+                            "YYYY-MM-DD") from e
         row = []
         for i, c in enumerate(r):
             if i == di:
@@ -473,9 +526,9 @@ def _read_csv(path: str, monthly: bool) -> Tuple[np.ndarray, Tuple[str, ...], np
             try:
                 x = float(c) if c not in ("", "NA", "NaN", "nan") else np.nan
             except ValueError as e:
-                raise DataError(f"{path}: line {ln}, column '{header[i]}' is {c!r}; expected a number or empty") from e
+                raise DataError(f"{path}: line {ln}, column {i + 1} is not a number; expected a number or empty") from e
             if np.isinf(x):
-                raise DataError(f"{path}: line {ln}, column '{header[i]}' is {c!r}; expected a finite number or empty")
+                raise DataError(f"{path}: line {ln}, column {i + 1} is infinite; expected a finite number or empty")
             row.append(x)
         dates.append(d)
         vals.append(row)

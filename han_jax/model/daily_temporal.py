@@ -32,6 +32,10 @@ def local_window_valid(t: int, window: int, causal: bool = True):
     return (j >= i - window // 2) & (j <= i + window // 2)
 
 
+# Each multi-scale convolution has d_model // 4 channels, group-normalised in 4 groups (the original's
+# nn.GroupNorm(4, d_model // 4)): d_model // 4 must be a multiple of it.
+MULTI_SCALE_GROUPS = 4
+
 class DailyTemporalEncoder(nn.Module, kw_only=True):
     """x [B, T, D], mask [B, T] -> [B, T, D].
 
@@ -71,7 +75,8 @@ class DailyTemporalEncoder(nn.Module, kw_only=True):
         outs = []
         for i, k in enumerate(self.kernel_sizes):
             y = Conv1d(features=d // 4, kernel_size=k, policy=pol, name=f"multi_scale_conv_{i}")(xe)
-            y = group_norm(num_groups=4, policy=pol, name=f"multi_scale_norm_{i}")(y)  # over all T(+1) steps
+            # GroupNorm over all T(+1) steps, as the original
+            y = group_norm(num_groups=MULTI_SCALE_GROUPS, policy=pol, name=f"multi_scale_norm_{i}")(y)
             outs.append(drop(gelu(y)))
         ms = jnp.concatenate([o[:, :t] for o in outs], axis=-1)
         ms = linear(features=d, name="conv_fusion")(ms)

@@ -13,6 +13,9 @@ from han_jax.model.attention import MultiheadAttention
 from han_jax.model.common import Linear, embed, gelu, layer_norm
 from han_jax.model.dropout import Dropout
 
+# The original's daily forecasting head attends over months with 4 heads whatever model.nhead is.
+CONTEXT_HEADS = 4
+
 
 class MLPTrunk(nn.Module, kw_only=True):
     """Linear(h) + LN + GELU + Drop + Linear(h2) + GELU + Drop (the heads' shared layout)."""
@@ -104,9 +107,9 @@ class DailyForecastingHead(nn.Module, kw_only=True):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        a, _ = MultiheadAttention(num_heads=4, dropout=self.dropout, policy=self.policy, name="context_attn")(
-            x, x, x, deterministic=deterministic
-        )
+        a, _ = MultiheadAttention(
+            num_heads=CONTEXT_HEADS, dropout=self.dropout, policy=self.policy, name="context_attn"
+        )(x, x, x, deterministic=deterministic)
         flat = MLPHead(
             hidden=self.hidden, hidden2=self.hidden, out=self.horizon * self.out, dropout=self.dropout,
             policy=self.policy, name="forecast_net",

@@ -90,14 +90,24 @@ class Checkpoints:
             return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
 
-        if _accumulator_is_trees(manager.metadata(step).item_metadata):
-            # A checkpoint from before the optimiser saw flat group vectors (steps.optimizer_view):
-            # read it in its own layout, then convert it (lossless). Any other mismatch is orbax's error.
-            out = restore(jax.eval_shape(with_tree_accumulator, template))
-            convert = with_flat_accumulator
-        else:
-            out = restore(template)
-            convert = None
+        try:
+            if _accumulator_is_trees(manager.metadata(step).item_metadata):
+                # A checkpoint from before the optimiser saw flat group vectors (steps.optimizer_view):
+                # read it in its own layout, then convert it (lossless).
+                out = restore(jax.eval_shape(with_tree_accumulator, template))
+                convert = with_flat_accumulator
+            else:
+                out = restore(template)
+                convert = None
+        except Exception as e:  # orbax, tensorstore and JSON errors of a damaged or foreign checkpoint alike
+            folder = os.path.join(str(manager.directory), str(step))
+            which = os.path.basename(str(manager.directory))
+            other = {"best": "latest", "latest": "best"}.get(which)
+            detail = " ".join(str(e).split())[:160]
+            raise CheckpointDamaged(
+                f"{folder}: the checkpoint cannot be read ({type(e).__name__}: {detail}); it is damaged or was "
+                f"written for another model" + (f" (the {other} checkpoint may be intact: --checkpoint {other})"
+                                                 if other else "")) from e
         # orbax hands back device-committed arrays; a fresh state is uncommitted, and jit
         # keys its cache on that, so a resumed run would recompile every step. Hand back
         # uncommitted arrays, exactly as create_train_state does.
@@ -121,6 +131,10 @@ class Checkpoints:
     def close(self):
         self.latest.close()
         self.best.close()
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint on disk that cannot be restored into the run's state: one line naming its folder."""
 
 
 def zero_inputs(model: ModelConfig, daily_len: int, monthly_len: int, batch_size: int = 1) -> Inputs:

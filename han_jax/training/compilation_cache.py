@@ -22,20 +22,31 @@ specification, argument shapes, dtypes and shardings, han-jax's source, the JAX
 and jaxlib versions, the devices and the XLA flags), and a warm start loads it
 without tracing. Entries are
 written whole (to a temporary name, then renamed), and one that fails to load
-is reported on stderr and compiled again. Like JAX's own cache, an entry is a
-pickle: it is only ever read from the user's own cache folder.
+is reported on stderr and compiled again.
+
+Trust: a cache entry is code. JAX's entries are machine code XLA runs, and a stored
+executable is a pickle, which runs code as it is read. So the cache is used only in a
+folder that belongs to the user and that nobody else may write (a shared or
+world-writable folder is refused with one line on stderr, and the command compiles
+without a cache); folders are created 0700 and entries 0600. Each stored executable
+also carries an HMAC-SHA256 of its bytes under a random per-folder key (``.key``,
+0600, owner-only): an entry that does not verify, e.g. one copied from elsewhere or
+planted, is never unpickled; it is reported and compiled again.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import os
 import pickle
+import secrets
+import stat
 import sys
 from typing import Any, Callable, Optional
 
-from han_jax.core.files import atomic_write
+from han_jax.core.files import atomic_write, open_regular
 
 ENV = "HAN_JAX_COMPILATION_CACHE"
 _OFF = ("", "off", "none", "0", "false")
@@ -60,23 +71,56 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
     import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # The user's own setting for JAX's cache is left in charge; han-jax stores executables under it
+        # only where that folder is private.
         path = os.environ["JAX_COMPILATION_CACHE_DIR"]
-        set_executable_dir(os.path.join(path, EXECUTABLES))
+        _make_folder(path, "JAX_COMPILATION_CACHE_DIR")
+        set_executable_dir(os.path.join(path, EXECUTABLES) if _private_or_warn(path) else None)
         return path
     if path is None:
         set_executable_dir(None)
         return None
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise FileNotFoundError(f"--compilation-cache {path}: cannot create the folder ({e.strerror}); "
-                                "expected a writable folder, or --no-compilation-cache") from None
+    _make_folder(path, "--compilation-cache")
+    if not _private_or_warn(path):
+        set_executable_dir(None)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     set_executable_dir(os.path.join(path, EXECUTABLES))
     return path
 
 
+def _make_folder(path: str, source: str) -> None:
+    """Creates a cache folder that only its owner may enter (an existing one is checked, not changed)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise FileNotFoundError(f"{source} {path}: cannot create the folder ({e.strerror}); "
+                                "expected a writable folder, or --no-compilation-cache") from None
+
+
+def not_private(path: str) -> Optional[str]:
+    """Why ``path`` is not a folder that only the current user can write (None: it is)."""
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a folder"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _private_or_warn(path: str) -> bool:
+    reason = not_private(path)
+    if reason is not None:
+        print(f"han-jax: compilation cache {path} is {reason}; expected a folder of yours that only you can "
+              "write (its entries are code): compiling without it", file=sys.stderr)
+    return reason is None
+
+
 EXECUTABLES = "executables"
+ENTRY_SUFFIX = ".jaxexe"
+KEY_FILE = ".key"
 _executable_dir: Optional[str] = None
 
 
@@ -169,7 +213,7 @@ class PersistentFunction:
 
     def _path(self, folder: str, signature) -> str:
         key = repr((str(signature[0]), signature[1]))
-        return os.path.join(folder, f"{self._prefix()}{hashlib.sha256(key.encode()).hexdigest()[:20]}.jaxexe")
+        return os.path.join(folder, f"{self._prefix()}{hashlib.sha256(key.encode()).hexdigest()[:20]}{ENTRY_SUFFIX}")
 
     def prefetch(self) -> None:
         """Starts loading this function's stored executables (any argument signature) in the background."""
@@ -179,9 +223,9 @@ class PersistentFunction:
         if folder is None or jax.process_count() > 1 or not os.path.isdir(folder):
             return
         prefix = self._prefix()
-        for name in sorted(os.listdir(folder)):
+        for name in stored_entries(folder):
             path = os.path.join(folder, name)
-            if name.startswith(prefix) and name.endswith(".jaxexe") and path not in self._prefetched:
+            if name.startswith(prefix) and path not in self._prefetched:
                 self._prefetched[path] = _loader().submit(_load, path)
 
     def _load_or_compile(self, folder: str, args, signature):
@@ -203,7 +247,12 @@ class PersistentFunction:
             print(f"han-jax: {self._name} cannot be stored in the executable cache "
                   f"({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
             return compiled
-        _write_whole(path, blob)
+        try:
+            signed = _signed(folder, blob)
+        except (OSError, ValueError) as e:  # a key that is not private: nothing is stored under it
+            print(f"han-jax: {self._name} not stored in the executable cache ({e})", file=sys.stderr)
+            return compiled
+        _write_whole(path, signed)
         return compiled
 
 
@@ -229,14 +278,67 @@ def _compile_past_jax_cache(lowered):
         compilation_cache.reset_cache()
 
 
+_MAGIC = b"han-jax-executable-1\n"
+
+
+def stored_entries(folder: str) -> list:
+    """The names of the executables stored in ``folder`` (not its key or a file being written), sorted."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(ENTRY_SUFFIX))
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_key(folder: str) -> bytes:
+    """The folder's HMAC key (``folder/.key``, created on first use); a key others could read is refused."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, KEY_FILE)
+    if not os.path.lexists(path):
+        # Written whole under a private name, then linked into place: a process starting beside this
+        # one reads either no key or the whole key, and the first link wins.
+        draft = f"{path}.{os.getpid()}.tmp"
+        with os.fdopen(open_regular(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(draft)
+    fd = open_regular(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o077:
+            raise PermissionError(f"{path}: the cache key must be yours and readable by you only (mode 600)")
+        key = f.read()
+    if len(key) != 32:
+        raise ValueError(f"{path}: not a han-jax cache key")
+    return key
+
+
+def _signed(folder: str, blob: bytes) -> bytes:
+    return _MAGIC + hmac.new(_folder_key(folder), blob, hashlib.sha256).digest() + blob
+
+
+def _verified(path: str) -> bytes:
+    """The pickled entry at ``path``, once its HMAC verifies; never unpickled otherwise."""
+    fd = open_regular(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    n = len(_MAGIC) + hashlib.sha256().digest_size
+    if not data.startswith(_MAGIC) or len(data) < n:
+        raise ValueError("not a han-jax executable entry")
+    mac, blob = data[len(_MAGIC):n], data[n:]
+    if not hmac.compare_digest(mac, hmac.new(_folder_key(os.path.dirname(path)), blob, hashlib.sha256).digest()):
+        raise ValueError("integrity check failed: not written by your han-jax in this folder; not loaded")
+    return blob
+
+
 def _load(path: str):
     """The executable stored at ``path``, or the exception that stopped it loading."""
     import jax
     from jax.experimental import serialize_executable
 
     try:
-        with open(path, "rb") as f:
-            payload, in_tree, out_tree, device_ids = pickle.load(f)
+        payload, in_tree, out_tree, device_ids = pickle.loads(_verified(path))
         # The devices it was compiled for, not all of the backend's (its default).
         by_id = {d.id: d for d in jax.local_devices()}
         return serialize_executable.deserialize_and_load(
