@@ -353,7 +353,9 @@ def cmd_import_torch(args) -> int:
         import_run(checkpoint, args.run_dir, config)
     except ImportError as e:
         raise CommandError(str(e)) from e
-    except (CheckpointMismatch, CheckpointFormatError) as e:
+    except CheckpointFormatError as e:  # its message names the file
+        raise CommandError(str(e)) from e
+    except CheckpointMismatch as e:
         raise CommandError(f"{args.checkpoint}: {e}") from e
     print(f"evaluate it with: han-jax evaluate --run-dir {args.run_dir}")
     return 0

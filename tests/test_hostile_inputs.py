@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
+from han_jax.app import torch_import
 from han_jax.cli import main
 from han_jax.core.files import append_text
 from han_jax.data import DataError
@@ -344,13 +345,35 @@ def test_ctrl_c_is_one_line_and_says_how_to_go_on(monkeypatch, capsys):
     assert capsys.readouterr().err == "han-jax train: interrupted; resume with --resume\n"
 
 
-def test_an_import_of_a_checkpoint_whose_state_dict_is_not_one(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    path = str(tmp_path / "bad.pt")
-    torch.save({"model_state_dict": 5}, path)
-    assert main(["import-torch", path, "--run-dir", str(tmp_path / "run")]) == 2
-    assert _one_line_error(capsys, "import-torch") == (f"{path}: {path}: 'model_state_dict' holds a int; expected a "
-                                                       "state_dict (a dict of tensors)")
+class _TorchLoading:
+    """Enough of torch for read_torch_checkpoint to see what torch.load returned (runs without torch)."""
+
+    class Tensor:
+        pass
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    def load(self, path, **kwargs):
+        if isinstance(self.loaded, Exception):
+            raise self.loaded
+        return self.loaded
+
+
+@pytest.mark.parametrize("loaded, expected", [
+    ({"model_state_dict": 5}, "'model_state_dict' holds a int; expected a state_dict (a dict of tensors)"),
+    ({"model_state_dict": {}, "multi_task_loss_state_dict": [1]},
+     "'multi_task_loss_state_dict' holds a list; expected a state_dict (a dict of tensors)"),
+    (RuntimeError("PytorchStreamReader failed reading zip archive"),
+     "not a torch checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive)"),
+])
+def test_an_import_of_a_checkpoint_that_holds_no_state_dict(tmp_path, capsys, monkeypatch, loaded, expected):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not read: torch.load is replaced")
+    monkeypatch.setattr(torch_import, "_import_torch", lambda: _TorchLoading(loaded))
+    assert main(["import-torch", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    assert _one_line_error(capsys, "import-torch") == f"{path}: {expected}"
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------
