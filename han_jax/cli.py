@@ -34,7 +34,7 @@ from han_jax.config import PRESETS, ConfigError, DataConfig, get_config
 from han_jax.core.precision import Policy
 from han_jax.data import SOURCES, DataError, iterate_batches
 from han_jax.tasks import loss_key
-from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR, CheckpointDamaged
+from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR, CheckpointDamaged, checkpoint_epoch
 from han_jax.training.compilation_cache import default_cache_dir, enable_compilation_cache
 from han_jax.training.devices import PARALLEL_KINDS, SingleDevice, check_batch
 from han_jax.training.distributed import (
@@ -397,6 +397,15 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _interrupted(args) -> str:
+    """What an interrupted command leaves: a training run resumes from its last complete checkpoint."""
+    if args.command != "train":
+        return "interrupted"
+    if checkpoint_epoch(args.run_dir) is None:
+        return "interrupted before the run's first checkpoint; start it again (without --resume)"
+    return "interrupted; resume with --resume"
+
+
 def _user_message(error: BaseException, args) -> str:
     """One line for a user error; an OS error (permissions, a full disk, a file where a folder was expected) names
     its file and what the user can do."""
@@ -492,8 +501,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        resume = "; resume with --resume" if args.command == "train" else ""
-        print(f"han-jax {args.command}: interrupted{resume}", file=sys.stderr)
+        print(f"han-jax {args.command}: {_interrupted(args)}", file=sys.stderr)
         return 130  # the shell's status for a process ended by SIGINT
     except (*USER_ERRORS, OSError) as e:
         if args.debug:

@@ -336,12 +336,15 @@ def test_a_run_folder_under_a_file_is_one_line(tmp_path, capsys):
     assert _one_line_error(capsys, "train").startswith(f"{tmp_path}/afile/run: Not a directory")
 
 
-def test_ctrl_c_is_one_line_and_says_how_to_go_on(monkeypatch, capsys):
+def test_ctrl_c_is_one_line_and_says_how_to_go_on(monkeypatch, capsys, tmp_path, tiny_run_dir):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("han_jax.cli.train", interrupted)
-    assert main(["train", *TINY, "--run-dir", "r"]) == 130
+    assert main(["train", *TINY, "--run-dir", str(tmp_path / "new")]) == 130
+    assert capsys.readouterr().err == ("han-jax train: interrupted before the run's first checkpoint; start it again "
+                                       "(without --resume)\n")
+    assert main(["train", *TINY, "--run-dir", tiny_run_dir, "--resume"]) == 130
     assert capsys.readouterr().err == "han-jax train: interrupted; resume with --resume\n"
 
 

@@ -22,7 +22,7 @@ import pytest
 from han_jax.app import run_folder
 from han_jax.app.train import _rewrite_metrics
 from han_jax.cli import main
-from han_jax.training.checkpoints import Checkpoints
+from han_jax.training.checkpoints import Checkpoints, checkpoint_epoch
 from han_jax.training.steps import with_tree_accumulator
 
 EPOCHS = 2
@@ -315,6 +315,28 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_last_complete_one(contes
     np.testing.assert_allclose([r["metrics"]["weighted_total"] for r in _rows(run_dir)],
                                [r["metrics"]["weighted_total"] for r in _rows(winner)], rtol=1e-6)
     assert os.path.getsize(os.path.join(run_dir, "summary.json")) > 0
+
+
+@pytest.mark.integration
+def test_ctrl_c_during_training_is_one_line_and_the_run_resumes(contested, env, tmp_path):
+    """SIGINT (what Ctrl-C sends) once epoch 0's checkpoint is complete: exit 130 and one line, no traceback."""
+    run_dir = str(tmp_path / "run")
+    proc = _start(_train_args(run_dir), env, str(tmp_path / "interrupted"))
+    deadline = time.monotonic() + 900
+    while checkpoint_epoch(run_dir) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, _stderr(proc)[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    [(rc, _)] = _wait([proc])
+    err = _stderr(proc)
+    if rc == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "han-jax train: interrupted; resume with --resume"
+    resumed = _start(_train_args(run_dir, "--resume"), env, str(tmp_path / "resumed"))
+    [(rc, _)] = _wait([resumed])
+    assert rc == 0, _stderr(resumed)[-3000:]
+    assert _epochs_and_phases(run_dir) == [(e, p) for e in range(EPOCHS) for p in PHASES]
 
 
 def test_rewrite_metrics_cuts_back_atomically_and_drops_a_torn_line(tmp_path, monkeypatch):

@@ -147,7 +147,8 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
     tc = config.train
     latest_dir = os.path.join(run_dir, CHECKPOINTS_DIR, "latest")
     if resume and checkpoint_epoch(run_dir) is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {latest_dir}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {latest_dir}; expected a run that saved an "
+                                "epoch (start this one again without --resume)")
     if not resume and any(checkpoint_epoch(run_dir, which) is not None for which in CHECKPOINTS):
         # orbax would skip every epoch up to the old run's and the final scoring would read its state.
         raise FileExistsError(f"{os.path.join(run_dir, CHECKPOINTS_DIR)}: holds another run's checkpoints; expected "
