@@ -37,6 +37,11 @@ def first_step(preset: str, cache_dir: str, launched: float, executables: bool =
     ``executables=False`` keeps JAX's persistent cache but not han-jax's stored executables
     (``han_jax.training.compilation_cache.persistent``): what a warm start cost before them.
     """
+    return started(preset, cache_dir, launched, executables)[0]
+
+
+def started(preset: str, cache_dir: str, launched: float, executables: bool = True):
+    """:func:`first_step`'s phases, and what it built: ``(marks, steps, state, device_batch)``."""
     from han_jax.training import compilation_cache
 
     compilation_cache.enable_compilation_cache(cache_dir)
@@ -69,12 +74,13 @@ def first_step(preset: str, cache_dir: str, launched: float, executables: bool =
     marks["init_s"] = time.perf_counter() - t
     t = time.perf_counter()
     state = steps.start_epoch(state, 0)
-    state, out = steps.train(state, *devices.put_batch((inputs, targets)))
+    batch = devices.put_batch((inputs, targets))
+    state, out = steps.train(state, *batch)
     jax.block_until_ready(out)
     marks["first_step_s"] = time.perf_counter() - t
     marks["time_to_first_step_s"] = time.time() - launched
     marks["loss"] = float(out.metrics["weighted_total"])
-    return marks
+    return marks, steps, state, batch
 
 
 def measure(preset: str, cache_dir: str, executables: bool = True) -> dict:

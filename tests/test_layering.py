@@ -13,8 +13,8 @@ import han_jax
 
 ROOT = os.path.dirname(han_jax.__file__)
 # Each layer may import the layers after it in this order (and itself), never one before it.
-ORDER = ("cli", "app", "training", "objective", "tasks", "model", "data", "testing", "core.aggregate", "config",
-         "core")
+ORDER = ("launch", "cli", "app", "training", "objective", "tasks", "model", "data", "testing", "core.aggregate",
+         "config", "core")
 # Lower layers that do not read each other.
 APART = {("tasks", "model"), ("tasks", "data"), ("model", "data"), ("data", "model"), ("tasks", "testing"),
          ("model", "testing"), ("data", "testing"), ("testing", "data"), ("testing", "model")}
@@ -68,10 +68,15 @@ def test_imports_point_down_the_layers():
     assert not wrong, "\n".join(wrong)
 
 
+# The command's launcher imports the CLI, and with it JAX, only once it has chosen the process's heap (it may
+# re-execute the process instead): the one deferred import, and it hides no circle (launch is the top layer).
+DEFERRED = {"han_jax.launch"}
+
+
 def test_no_han_jax_import_inside_a_function():
     """An import inside a function hides a circle; the layers above have none to hide."""
     inside = [f"{module}:{node.lineno} imports {imported}" for module, tree in _modules()
-              for node, imported, in_function in _han_jax_imports(tree) if in_function]
+              for node, imported, in_function in _han_jax_imports(tree) if in_function and module not in DEFERRED]
     assert not inside, "\n".join(inside)
 
 
