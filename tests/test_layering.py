@@ -7,6 +7,7 @@ aggregate (``core/aggregate.py``) reads its section of the configuration, the re
 """
 
 import ast
+import gc
 import os
 
 import han_jax
@@ -27,13 +28,26 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def _parse(path):
+    # CPython 3.11 counts the AST constructor's recursion depth in a global: a garbage collection inside
+    # ast.parse that formats a traceback (an orbax task's exception never retrieved, collected here) parses
+    # again and trips "AST constructor recursion depth mismatch". Collect first and parse with gc off.
+    gc.collect()
+    gc.disable()
+    try:
+        with open(path) as handle:
+            return ast.parse(handle.read())
+    finally:
+        gc.enable()
+
+
 def _modules():
     for folder, _, files in os.walk(ROOT):
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(folder, name)
                 rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
-                yield rel.removesuffix(".__init__"), ast.parse(open(path).read())
+                yield rel.removesuffix(".__init__"), _parse(path)
 
 
 def _han_jax_imports(tree):
