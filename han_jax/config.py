@@ -263,6 +263,12 @@ class DataConfig:
 
     start_date: str = "2022-02-24"
     end_date: Optional[str] = None
+    # The data as it was known on this day (han_jax/data/vintage.py): every record dated on or after it
+    # is removed before anything else reads the data. A backtest sets it at each origin; None: all of it.
+    known_at: Optional[str] = None
+    # [(monthly source, months)]: how many months after it ends a monthly source is published, counted
+    # back from known_at (sources not named: 0). Recorded with every backtest origin's run.
+    publication_lags: Tuple[Tuple[str, int], ...] = ()
     daily_seq_len: int = 365
     monthly_seq_len: int = 12
     prediction_horizon: int = 1

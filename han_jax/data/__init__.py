@@ -18,6 +18,7 @@ from han_jax.data.pipeline import (
 )
 from han_jax.data.synthetic import make_synthetic_world
 from han_jax.data.transform import COUNT_TRANSFORMS
+from han_jax.data.vintage import known_at
 from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTargets, SourceTable, World
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "IMPLAUSIBLE_VALUES", "InferenceWindows", "MISSING_VALUE", "MissingFileError", "MonthTargets", "NormStats",
     "Normalisation", "SOURCES", "SourceTable", "SplitData", "World", "build_datasets", "build_inference_windows",
     "bundled_losses_dir", "check_config", "check_layout", "gather", "iterate_batches", "layout_of",
-    "load_losses_world", "make_calendar", "make_synthetic_world", "make_world", "num_batches",
+    "known_at", "load_losses_world", "make_calendar", "make_synthetic_world", "make_world", "num_batches",
 ]
 
 
@@ -36,6 +37,13 @@ SOURCES = ("synthetic", "losses")
 def make_world(config: DataConfig) -> World:
     """The world a ``DataConfig`` names (synthetic by seed/mode/preset, or the real loss data)."""
     check_config(config)  # a bad setting fails before the world is generated or loaded
+    world = _whole_world(config)
+    if config.known_at is not None:
+        world = known_at(world, config.known_at, config.publication_lags)
+    return world
+
+
+def _whole_world(config: DataConfig) -> World:
     if config.source == "synthetic":
         def names(spec):
             return None if spec is None else [e if isinstance(e, str) else e[0] for e in spec]

@@ -55,6 +55,7 @@ from han_jax.data.splits import (
 )
 from han_jax.data.target_tables import forecast_table, target_tables
 from han_jax.data.transform import TransformedSources, check_count_transform, transform_sources
+from han_jax.data.vintage import check_publication_lags, parse_origin
 from han_jax.data.world import DataError, World, note, to_day
 
 __all__ = [
@@ -266,6 +267,9 @@ def check_config(cfg: DataConfig) -> None:
     """The checks of a ``DataConfig`` that need no data (run before any world is built or loaded)."""
     check_count_transform(cfg.count_transform)
     check_implausible_values(cfg.implausible_values)
+    if cfg.known_at is not None:
+        parse_origin(cfg.known_at)
+    check_publication_lags(cfg.publication_lags, cfg.known_at)
     s = cfg.val_sample_stride
     if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1):
         raise DataError(
