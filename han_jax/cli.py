@@ -23,6 +23,7 @@ import typing
 import jax
 import numpy as np
 
+from han_jax.app.backtest import REFITS, backtest
 from han_jax.app.evaluate import evaluate_run
 from han_jax.app.predict import predict_run
 from han_jax.app.run_folder import CONFIG_FILE, RunLocked, read_run_config
@@ -240,6 +241,16 @@ def _resume_overrides(args) -> list:
     return names
 
 
+def cmd_backtest(args) -> int:
+    """A rolling-origin backtest: a run per origin on the data known then, scored on the month after."""
+    config = build_config(args)
+    # One folder per origin already; event files for each would only fill the disk.
+    config = config.replace(train=dataclasses.replace(config.train, tensorboard=False))
+    _force_host_devices(config.train.num_devices)
+    backtest(config, args.run_dir, origins=args.origins, refit=args.refit, quiet=args.quiet)
+    return 0
+
+
 def cmd_audit(args) -> int:
     """One batch through train_step (dropout off), eval_step and test_step, side by side."""
     config = build_config(args)
@@ -399,6 +410,8 @@ def _one_line(error: BaseException) -> str:
 
 def _interrupted(args) -> str:
     """What an interrupted command leaves: a training run resumes from its last complete checkpoint."""
+    if args.command == "backtest":
+        return "interrupted; the same command resumes the backtest where it stopped"
     if args.command != "train":
         return "interrupted"
     if checkpoint_epoch(args.run_dir) is None:
@@ -447,6 +460,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-tensorboard", action="store_true",
                    help="no TensorBoard event files (written to RUN_DIR/tensorboard when tensorboardX is installed)")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("backtest", help="rolling-origin backtest: train at each origin on the data known then, score "
+                                        "the month after with proper scores against baselines")
+    _common(p)
+    p.add_argument("--run-dir", required=True, help="the backtest's folder (the same command resumes it)")
+    p.add_argument("--origins", required=True, metavar="FIRST:LAST[:STEP_MONTHS]",
+                   help="origin months, e.g. 2025-01:2025-12 (each origin forecasts its own month from the data "
+                        "known before it)")
+    p.add_argument("--refit", choices=REFITS, default="full",
+                   help="full: train each origin from scratch (default); warm: continue from the previous origin's "
+                        "best state")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (CI)")
+    p.set_defaults(func=cmd_backtest)
     p = sub.add_parser("audit", help="prove train/eval/test share one loss path on one batch")
     _common(p)
     p.add_argument("--epochs", type=int, help="as for train (the learning-rate schedule of the train step shown)")
@@ -486,7 +513,7 @@ def main(argv=None) -> int:
                    help="load with weights_only=False (only for files you trust; needed when the history holds "
                         "numpy scalars)")
     p.set_defaults(func=cmd_import_torch)
-    for name in ("train", "evaluate", "predict"):
+    for name in ("train", "backtest", "evaluate", "predict"):
         _cache_flags(sub.choices[name])
     for command in sub.choices.values():
         # Also accepted after the command; SUPPRESS keeps a flag given before it.

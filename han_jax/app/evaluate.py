@@ -22,7 +22,7 @@ from han_jax.core.batch import Targets
 from han_jax.core.files import write_json
 from han_jax.data import Datasets, SplitData, iterate_batches
 from han_jax.objective import TOTALS
-from han_jax.tasks import loss_key, targets_key
+from han_jax.tasks import TableContext, loss_key, targets_key
 from han_jax.training.accumulate import SplitAccumulator
 from han_jax.training.checkpoints import load_checkpoint
 from han_jax.training.compilation_cache import prefetch
@@ -30,6 +30,8 @@ from han_jax.training.devices import Devices, SingleDevice, check_batch, make_de
 from han_jax.training.spec import StepSpec
 
 SPLITS = ("train", "val", "test")
+# The forecaster name of the model itself among its baselines.
+MODEL = "model"
 
 
 def split_targets(split: SplitData) -> Targets:
@@ -53,6 +55,36 @@ def split_baselines(datasets: Datasets, spec: StepSpec) -> dict:
         out[name] = {}
         for task in objective.tasks:
             out[name].update(task.baseline_metrics(fitted[task.name], targets, objective.model, objective.loss))
+    return out
+
+
+def proper_score_keys(task, forecaster: str, score: str) -> str:
+    """The metric key of a proper score: ``<task>/<score>`` for the model, ``baseline/<forecaster>/<task>/<score>``."""
+    return f"{task.name}/{score}" if forecaster == MODEL else f"baseline/{forecaster}/{task.name}/{score}"
+
+
+def forecasters(task, predictions: Mapping, train: Targets, targets: Targets, known, ctx: TableContext) -> dict:
+    """``{forecaster: forecast}``: the model's predictions, then the task's baselines, all scored alike."""
+    return {MODEL: predictions, **task.baseline_forecasts(train, targets, known, ctx)}
+
+
+def split_scores(predictions: Mapping[str, Mapping], datasets: Datasets, spec: StepSpec) -> dict:
+    """``{split: {key: value}}``: every task's proper scores on every split, the model's and its baselines'.
+
+    Computed on the host from the test step's per-row predictions (the same pass as the
+    split's metrics); baselines are fitted on the training split only.
+    """
+    objective = spec.objective
+    ctx = TableContext(objective.model, objective.loss, datasets.normalisation, datasets.layout)
+    train = split_targets(datasets.train)
+    out = {}
+    for name in SPLITS:
+        targets = split_targets(getattr(datasets, name))
+        out[name] = {}
+        for task in objective.tasks:
+            for forecaster, forecast in forecasters(task, predictions[name], train, targets, None, ctx).items():
+                for score, value in task.proper_scores(forecast, targets, ctx).items():
+                    out[name][proper_score_keys(task, forecaster, score)] = value
     return out
 
 
@@ -123,8 +155,10 @@ def score_splits(state, datasets: Datasets, spec: StepSpec, batch_size: int, *, 
     out, rows = {}, {}
     for name in SPLITS:
         metrics, rows[name] = evaluate_split(test, state, getattr(datasets, name), batch_size, spec=spec,
-                                             devices=devices, predictions=predictions)
+                                             devices=devices, predictions=True)
         out[name] = with_baselines(metrics, baselines[name], spec.objective.tasks)
+    for name, proper in split_scores(rows, datasets, spec).items():
+        out[name].update(proper)
     return (out, rows) if predictions else out
 
 
@@ -143,6 +177,11 @@ def metrics_table(final: Mapping[str, Mapping], tasks: Sequence, *, title: str) 
     keys += [targets_key(t.name) for t in tasks]
     keys += [row for t in tasks for row in t.table_rows]
     keys += sorted(k for k in first if k.startswith("skill/") and k.count("/") == 1)
+    # Proper scores: the model's, then each baseline's headline score (the rest and per-source breakdowns stay in
+    # the JSON).
+    keys += [k for t in tasks for k in first if k.startswith(f"{t.name}/") and k.count("/") == 1]
+    keys += [k for t in tasks for k in first if t.headline_score and k.startswith("baseline/") and k.count("/") == 3
+             and k.split("/")[2:] == [t.name, t.headline_score]]
     keys += ["n_rows"]
     width = max(len(k) for k in keys) + 14
     lines = [f"{'metric':{width}s} " + " ".join(f"{s:>12s}" for s in splits)]

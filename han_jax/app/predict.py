@@ -115,16 +115,24 @@ def predict_windows(run: Run, windows: InferenceWindows, *, batch_size: Optional
       windows: ``run.windows(...)`` (the run's normalisation applied).
       batch_size: rows per step (default the run's); no number depends on it.
     """
+    predictions = window_predictions(run, windows.split, batch_size=batch_size)
+    return prediction_table(predictions, windows.split, windows.dates, spec=run.spec, normalisation=run.normalisation,
+                            layout=run.layout, prediction_horizon=run.config.data.prediction_horizon)
+
+
+def window_predictions(run: Run, split: SplitData, *, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Every task's per-row predictions (:meth:`han_jax.tasks.Task.predict`) for a split's rows, in order.
+
+    The test step's, the shared path with dropout off; ``batch_size`` (default the run's) changes no number.
+    """
     batch_size = batch_size or run.config.train.batch_size
     test = SingleDevice().compiled(run.spec).test
     rows = []
-    for inputs, targets in iterate_batches(windows.split, batch_size):
+    for inputs, targets in iterate_batches(split, batch_size):
         p = jax.device_get(test(run.state, inputs, targets).predictions)
         keep = np.asarray(p.pop("sample_mask"), bool)
         rows.append({k: np.asarray(v)[keep] for k, v in p.items()})
-    predictions = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    return prediction_table(predictions, windows.split, windows.dates, spec=run.spec, normalisation=run.normalisation,
-                            layout=run.layout, prediction_horizon=run.config.data.prediction_horizon)
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
 def predict(run: Run, world=None, *, data=None, date_from=None, date_to=None,

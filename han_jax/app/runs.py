@@ -38,8 +38,8 @@ WINDOW_FIELDS = ("daily_seq_len", "monthly_seq_len", "prediction_horizon", "coun
                  "daily_sources", "monthly_sources", "daily_forecast_targets", "daily_forecast_horizon")
 
 
-def prepare(config: Config, log=None) -> tuple[Datasets, Resolved]:
-    """Builds the datasets of ``config.data`` and what the run derives from them.
+def prepare(config: Config, log=None, world: Optional[World] = None) -> tuple[Datasets, Resolved]:
+    """Builds the datasets of ``config.data`` (of ``world``, when given) and what the run derives from them.
 
     The model's source layout is the data's, and the optimiser's updates per epoch come
     from the training split and the batch size.
@@ -47,7 +47,7 @@ def prepare(config: Config, log=None) -> tuple[Datasets, Resolved]:
     Raises:
       ConfigError: ``config.model`` names a source layout other than the data's.
     """
-    datasets = build_datasets(make_world(config.data), config.data)
+    datasets = build_datasets(make_world(config.data) if world is None else world, config.data)
     if log is not None:
         for line in datasets.report:
             log(f"data: {line}")

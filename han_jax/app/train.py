@@ -48,7 +48,7 @@ from han_jax.core.files import append_text, atomic_write, json_safe, non_finite_
 from han_jax.data import iterate_batches, num_batches
 from han_jax.tasks import loss_key, targets_key
 from han_jax.training.accumulate import EpochAccumulator
-from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR, Checkpoints, checkpoint_epoch
+from han_jax.training.checkpoints import CHECKPOINTS, CHECKPOINTS_DIR, Checkpoints, checkpoint_epoch, load_checkpoint
 from han_jax.training.devices import Devices, make_devices
 from han_jax.training.distributed import is_primary
 from han_jax.training.schedule import Schedule
@@ -108,7 +108,8 @@ def _epoch_line(epoch, train_m, val_m, best_marker, tasks) -> str:
 
 
 def train(config: Config, run_dir: str, *, resume: bool = False, resume_overrides: Sequence[str] = (),
-          quiet: bool = False, log=print, stop_after_epoch: Optional[int] = None) -> dict:
+          quiet: bool = False, log=print, stop_after_epoch: Optional[int] = None,
+          init_from: Optional[str] = None, world=None) -> dict:
     """Trains, early-stops on validation ``weighted_total``, scores the best state on every split.
 
     Writes into ``run_dir``: ``config.json``, ``resolved.json``, ``norm_stats.npz`` and
@@ -125,7 +126,10 @@ def train(config: Config, run_dir: str, *, resume: bool = False, resume_override
     its first write to its end; another writer fails at once with ``RunLocked``. With
     ``resume``, the folder's ``config.json`` must match ``config`` but for the fields
     :func:`han_jax.app.run_folder.check_resume_config` allows and those named in
-    ``resume_overrides``; the folder is not changed before that check passes.
+    ``resume_overrides``; the folder is not changed before that check passes. ``init_from``
+    (a run folder of the same model) starts a new run from that run's best state instead of
+    a fresh one (a warm refit of a backtest). ``world`` replaces the data ``config.data``
+    names (a backtest's cut of it).
     """
     # Nothing is written and nothing compiled until the configuration and the data are known good: a bad
     # value fails here in one line (ConfigError / DataError), leaving no half-made run folder behind.
@@ -138,11 +142,12 @@ def train(config: Config, run_dir: str, *, resume: bool = False, resume_override
     lock = lock_run_dir(run_dir, "han-jax train") if is_primary() else contextlib.nullcontext()
     with lock:
         return _train(config, run_dir, devices, resume=resume, resume_overrides=resume_overrides, quiet=quiet, log=log,
-                      stop_after_epoch=stop_after_epoch)
+                      stop_after_epoch=stop_after_epoch, init_from=init_from, world=world)
 
 
 def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resume_overrides: Sequence[str],
-           quiet: bool, log, stop_after_epoch: Optional[int]) -> dict:
+           quiet: bool, log, stop_after_epoch: Optional[int], init_from: Optional[str] = None,
+           world=None) -> dict:
     """:func:`train`'s body, run while holding the folder's lock."""
     tc = config.train
     latest_dir = os.path.join(run_dir, CHECKPOINTS_DIR, "latest")
@@ -162,7 +167,7 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
         if changed:
             log(f"resume: configuration changed in {', '.join(changed)}")
     log(f"han-jax config:\n{json.dumps(config_to_dict(config), indent=1)}")
-    datasets, resolved = prepare(config, log=log)
+    datasets, resolved = prepare(config, log=log, world=world)
     if tc.batch_size > len(datasets.train):
         # Every step would be mostly padding, and the evaluation batches of that size could not fit in memory.
         raise ConfigError(f"train.batch_size={tc.batch_size}: expected at most the {len(datasets.train)} training "
@@ -180,6 +185,9 @@ def _train(config: Config, run_dir: str, devices: Devices, *, resume: bool, resu
     steps.prefetch("train", "start_epoch", "eval")
     state = create_train_state(jax.random.PRNGKey(tc.seed), spec, sample_inputs,
                                log_var_priors=config.step.log_var_priors)
+    if init_from is not None and not resume:
+        state = load_checkpoint(init_from, "best", spec, config.data.daily_seq_len, config.data.monthly_seq_len)
+        log(f"state: continued from {init_from} (best checkpoint)")
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
     processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(f"model: {n_params:,} parameters; policy {spec.policy.name}; devices {tc.num_devices} "

@@ -58,6 +58,11 @@ class Task:
       metric_counts: each mean-valued metric of :meth:`metrics` -> the count it is computed over
         (on the host a metric whose count is 0 is None, not 0).
       table_rows: the rows of the split table this task contributes, in order (metrics and baselines).
+      backtest_rows: the rows a backtest scores the forecast made at an origin on: ``"month"``, every
+        day of the month after the origin (the forecast held); ``"origin"``, the origin's own window,
+        whose targets already lie in the month after (the forecast head's next month).
+      headline_score: the proper score the split table and the backtest plot show for every
+        baseline (lower is better); the JSON reports hold them all.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -70,6 +75,8 @@ class Task:
     watch_collapse: ClassVar[bool] = False
     metric_counts: ClassVar[Mapping[str, str]] = {}
     table_rows: ClassVar[tuple] = ()
+    backtest_rows: ClassVar[str] = "month"
+    headline_score: ClassVar[Optional[str]] = None
 
     # -- the loss --------------------------------------------------------------------------------
 
@@ -141,10 +148,65 @@ class Task:
         """Lines the split table prints after its rows (e.g. a per-source breakdown)."""
         return []
 
+    # -- proper scores (host, numpy) -------------------------------------------------------------
+
+    def baseline_forecasts(self, train: Targets, targets: Targets, known: Optional["Known"], ctx: TableContext) -> dict:
+        """``{forecaster: forecast}``: naive forecasts of ``targets``' rows, in :meth:`proper_scores`' format.
+
+        Args:
+          train: the training split's targets (what a fitted baseline may read).
+          targets: the rows to forecast (a baseline may read what their windows hold, e.g. this month).
+          known: what was known at a backtest's origin (None in a split table: the baselines
+            that need it are left out).
+          ctx: the run's model and loss options.
+        """
+        return {}
+
+    def proper_scores(self, forecast: Mapping[str, np.ndarray], targets: Targets, ctx: TableContext) -> Metrics:
+        """``{score: value}`` of one forecaster's per-row forecasts against ``targets`` (None: no row to score).
+
+        The model's forecast is its :meth:`predict` output; a baseline's comes from
+        :meth:`baseline_forecasts`; every forecaster is scored by this one function. A forecast
+        with a leading axis of 1 is held for every row (a backtest's forecast made at its origin).
+        """
+        return {}
+
+    def calibration(self, forecast: Mapping[str, np.ndarray], targets: Targets, ctx: TableContext) -> dict:
+        """``{name: array}`` for a calibration plot (reliability bins or a PIT histogram); empty: none."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """What was known at a backtest's origin that a baseline forecast may read.
+
+    Attributes:
+      last_phase_index: the phase index of the last day before the origin (None: not valid).
+      fatalities: float64 ``[n]``, the valid monthly fatality totals of the months before the
+        origin's month, oldest first (the last is "last month").
+    """
+
+    last_phase_index: Optional[int]
+    fatalities: np.ndarray
+
 
 # ---------------------------------------------------------------------------
 # Helpers the task modules share.
 # ---------------------------------------------------------------------------
+
+
+def held(forecast, n_rows: int) -> np.ndarray:
+    """``forecast`` as float64 with ``n_rows`` rows: a leading axis of 1 (or a constant) is held for every row."""
+    x = np.asarray(forecast, np.float64)
+    if x.ndim == 0 or x.shape[0] != n_rows:
+        x = np.broadcast_to(x.reshape((1,) + x.shape[1:]) if x.ndim else x, (n_rows,) + x.shape[1:])
+    return x
+
+
+def mean_or_none(x) -> Optional[float]:
+    """The float64 mean of ``x``, or None when it is empty."""
+    x = np.asarray(x, np.float64)
+    return float(np.mean(x)) if x.size else None
 
 
 def as_array(x, dtype) -> Optional[np.ndarray]:

@@ -6,6 +6,12 @@ log mu (``casualty_pred[..., 1]``) and the dispersion (``casualty_var[..., 0]``)
 the fatalities divided by ``casualty_target_scale`` (the original scores counts of O(1e3-1e4)
 in thousands); without a valid row, small regularisers on the parameters. Metric: the mean
 absolute error of the expected fatalities ``(1 - pi) mu scale``. Baseline: the training mean.
+
+Proper scores of the predicted distribution (:mod:`han_jax.core.scores`), in fatalities: the
+CRPS computed exactly from pi/mu/theta, the 90 % interval score and its coverage, the log
+score (the model's own units, for the model alone: a point forecast has none), a randomised
+PIT histogram; against zero, the training mean and, in a backtest, last month's total
+("persistence") and the empirical distribution of the last 12 known months ("conflictology").
 """
 
 from __future__ import annotations
@@ -14,8 +20,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from han_jax.core import scores
 from han_jax.core.reductions import masked_count, masked_sum, ratio, sum_and_count
-from han_jax.tasks.base import Task, actual, as_array, host_mean, line_panel, skill_score, valid_rows
+from han_jax.tasks.base import (
+    Task,
+    actual,
+    as_array,
+    held,
+    host_mean,
+    line_panel,
+    mean_or_none,
+    skill_score,
+    valid_rows,
+)
+
+# The central interval scored: 90 %, as the VIEWS prediction challenge scores it.
+INTERVAL_ALPHA = 0.1
+# Months of history the conflictology baseline draws its empirical distribution from.
+CONFLICTOLOGY_MONTHS = 12
 
 
 def zinb_parameters(casualty_pred, casualty_var):
@@ -82,6 +104,7 @@ def zinb_nll(y, pi, mu, theta, eps: float = 1e-8, max_loss: float = 20.0):
 
 class CasualtyTask(Task):
     name = "casualty"
+    headline_score = "crps"
     outputs = ("casualty_pred", "casualty_var")
     prior = 1.4
     metric_counts = {"casualty_mae": "n/casualty"}
@@ -141,6 +164,56 @@ class CasualtyTask(Task):
 
     def skill(self, metrics):
         return {"skill/casualty": skill_score(metrics.get("casualty_mae"), [metrics.get("baseline/casualty_mae")])}
+
+    # -- proper scores ---------------------------------------------------------------------------
+
+    def baseline_forecasts(self, train, targets, known, ctx):
+        out = {"zero": {"point": np.zeros(1)}}
+        mean = self.fit_baseline(train, ctx.model, ctx.loss)
+        if mean is not None:
+            out["train_mean"] = {"point": np.asarray([mean])}
+        if known is not None and len(known.fatalities):
+            out["persistence"] = {"point": np.asarray(known.fatalities[-1:], np.float64)}
+            out["conflictology"] = {"samples": np.asarray(known.fatalities[-CONFLICTOLOGY_MONTHS:], np.float64)}
+        return out
+
+    def proper_scores(self, forecast, targets, ctx):
+        valid = valid_rows(targets, targets.casualty_valid)
+        if valid is None or targets.fatalities is None or not valid.any():
+            return {"crps": None, "log_score": None, "interval_score_90": None, "coverage_90": None, "mae": None}
+        y = as_array(targets.fatalities, np.float64)[valid]
+        n, scale = len(valid), ctx.loss.casualty_target_scale
+        log_score = None
+        if "zinb_mu" in forecast:
+            pi, mu, theta = (held(forecast[k], n)[valid] for k in ("zinb_pi", "zinb_mu", "zinb_theta"))
+            # The distribution is over counts of `scale` fatalities; every score but the log score is in fatalities.
+            crps = scale * scores.zinb_crps(y / scale, pi, mu, theta)
+            lower = scale * scores.zinb_quantile(INTERVAL_ALPHA / 2, pi, mu, theta)
+            upper = scale * scores.zinb_quantile(1 - INTERVAL_ALPHA / 2, pi, mu, theta)
+            mean = expected_fatalities(pi, mu, scale)
+            log_score = mean_or_none(scores.zinb_log_score(y / scale, pi, mu, theta))
+        elif "samples" in forecast:
+            samples = np.broadcast_to(np.asarray(forecast["samples"], np.float64), (len(y), len(forecast["samples"])))
+            crps = scores.empirical_crps(samples, y)
+            lower = scores.empirical_quantile(samples, INTERVAL_ALPHA / 2)
+            upper = scores.empirical_quantile(samples, 1 - INTERVAL_ALPHA / 2)
+            mean = samples.mean(axis=1)
+        else:  # a point forecast: a distribution with all its mass on one value
+            mean = held(forecast["point"], n)[valid]
+            crps, lower, upper = np.abs(mean - y), mean, mean
+        return {"crps": mean_or_none(crps), "log_score": log_score,
+                "interval_score_90": mean_or_none(scores.interval_score(lower, upper, y, INTERVAL_ALPHA)),
+                "coverage_90": mean_or_none((lower <= y) & (y <= upper)), "mae": mean_or_none(np.abs(mean - y))}
+
+    def calibration(self, forecast, targets, ctx):
+        valid = valid_rows(targets, targets.casualty_valid)
+        if "zinb_mu" not in forecast or valid is None or targets.fatalities is None or not valid.any():
+            return {}
+        n, scale = len(valid), ctx.loss.casualty_target_scale
+        pi, mu, theta = (held(forecast[k], n)[valid] for k in ("zinb_pi", "zinb_mu", "zinb_theta"))
+        y = as_array(targets.fatalities, np.float64)[valid] / scale
+        # A fixed draw: the same forecasts give the same histogram in every report.
+        return {"pit": scores.randomized_pit(y, pi, mu, theta, np.random.default_rng(0))}
 
     # -- predictions ---------------------------------------------------------------------------
 

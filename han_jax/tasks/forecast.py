@@ -12,6 +12,12 @@ Metrics: ``forecast_mse`` over every position, and ``forecast_next_mse``, the ge
 one-month-ahead forecast: the last position only, on the elements :func:`next_month_elements`
 selects, overall and per source. Baselines: persistence ("next month = this month") and the
 training split's per-feature climatology, scored on exactly those elements.
+
+Proper scores (:meth:`ForecastTask.proper_scores`), overall and per source, in normalised
+units: MSE, MAE, the CRPS (a point forecast's is its absolute error) and the MASE, the MAE
+over persistence's on the same elements; against persistence (the last month the window
+holds), the training climatology and "conflictology", the empirical distribution of the
+earlier months the window holds (``monthly_seq_len - 1`` of them).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from han_jax.core import scores
 from han_jax.core.reductions import masked_moments, masked_sum, namespace, ratio, sum_and_count
-from han_jax.tasks.base import Task, as_array, host_mean, line_panel, skill_score
+from han_jax.tasks.base import Task, as_array, held, host_mean, line_panel, skill_score
 
 PERSISTENCE = "baseline/forecast_persistence_mse"
 CLIMATOLOGY = "baseline/forecast_climatology_mse"
@@ -68,6 +75,15 @@ def source_columns(sources, n_total: int) -> list:
     return out
 
 
+def _last_known(y, ok):
+    """Each element's last valid value before the window's last month (0 where none): persistence."""
+    earlier, earlier_ok = y[:, :-1], ok[:, :-1]
+    # Index of the last valid month per element; argmax over the reversed axis finds it.
+    last = earlier.shape[1] - 1 - np.argmax(earlier_ok[:, ::-1], axis=1)
+    value = np.take_along_axis(earlier, last[:, None, :], axis=1)[:, 0]
+    return np.where(earlier_ok.any(axis=1), value, 0.0)
+
+
 def _per_row_var_over_months(x):
     """``x.var(dim=1)`` with ddof=1 per row and feature: [B, M, F] -> [B, F]."""
     mean = jnp.mean(x, axis=1, keepdims=True)
@@ -90,11 +106,13 @@ def _temporal_statistics(x, row, axis_name) -> dict:
 
 class ForecastTask(Task):
     name = "forecast"
+    headline_score = "mae"
     outputs = ("forecast_pred",)
     prior = 1.9
     watch_collapse = True
     metric_counts = {"forecast_mse": "n/forecast", "forecast_next_mse": "n/forecast_next"}
     table_rows = ("forecast_mse", "forecast_next_mse", PERSISTENCE, CLIMATOLOGY)
+    backtest_rows = "origin"
 
     def statistics(self, outputs, targets, row, config, axis_name):
         pred = outputs["forecast_pred"]
@@ -242,6 +260,67 @@ class ForecastTask(Task):
                 cells.append("/".join("n/a" if v is None else f"{v:.3g}" for v in values))
             lines.append(f"  {src:{width - 2}s} " + " ".join(f"{c:>24s}" for c in cells))
         return lines
+
+    # -- proper scores ---------------------------------------------------------------------------
+
+    def baseline_forecasts(self, train, targets, known, ctx):
+        if targets.forecast_targets is None or targets.forecast_masks is None:
+            return {}
+        y = as_array(targets.forecast_targets, np.float64)
+        ok = as_array(targets.forecast_masks, bool)
+        out = {"persistence": {"forecast_next": _last_known(y, ok)},
+               "conflictology": {"samples": y[:, :-1], "sample_masks": ok[:, :-1]}}
+        climatology = self.fit_baseline(train, ctx.model, ctx.loss)
+        if climatology is not None:
+            out["climatology"] = {"forecast_next": climatology[None, :]}
+        return out
+
+    def proper_scores(self, forecast, targets, ctx):
+        """Scores on the elements whose next month is valid and for which some earlier month in the window is.
+
+        The element set is :func:`next_month_elements`' with "the month before is valid"
+        relaxed to "an earlier month is" (persistence then holds the last valid one), so
+        that a monthly source published late keeps its elements in a backtest.
+        """
+        sources = source_columns(ctx.model.monthly_sources, ctx.model.n_monthly_features)
+        keys = [""] + [f"/{name}" for name, _ in sources]
+        empty = {f"{score}{k}": None for score in ("mse", "mae", "crps", "mase") for k in keys}
+        if targets.forecast_targets is None or targets.forecast_masks is None:
+            return empty
+        y = as_array(targets.forecast_targets, np.float64)
+        ok = as_array(targets.forecast_masks, bool)
+        n, n_months, _ = y.shape
+        if n_months < 2:
+            return empty
+        width = ctx.model.n_monthly_features
+        truth, history, history_ok = y[:, -1, :width], y[:, :-1, :width], ok[:, :-1, :width]
+        elements = as_array(targets.sample_mask, bool)[:, None] & ok[:, -1, :width] & history_ok.any(axis=1)
+        persistence_error = np.abs(_last_known(y, ok)[:, :width] - truth)
+        if "samples" in forecast:
+            samples = np.asarray(forecast["samples"], np.float64)[..., :width]
+            samples = np.broadcast_to(samples, (n,) + history.shape[1:])
+            where = np.broadcast_to(np.asarray(forecast["sample_masks"], bool)[..., :width], samples.shape)
+            # One empirical distribution per element: its months as samples.
+            flat = np.moveaxis(samples, 1, -1).reshape(-1, samples.shape[1])
+            flat_ok = np.moveaxis(where, 1, -1).reshape(-1, samples.shape[1])
+            safe_truth = np.where(elements, truth, 0.0).reshape(-1)
+            crps = scores.empirical_crps(flat, safe_truth, where=flat_ok).reshape(n, width)
+            point = np.where(flat_ok, flat, 0.0).sum(axis=1) / np.maximum(flat_ok.sum(axis=1), 1)
+            error = np.abs(point.reshape(n, width) - truth)
+            elements = elements & np.moveaxis(where, 1, -1).any(axis=-1)
+        else:
+            error = np.abs(held(forecast["forecast_next"], n)[:, :width] - truth)
+            crps = error
+        out = {}
+        for suffix, cols in [("", slice(0, width))] + [(f"/{name}", c) for name, c in sources]:
+            where = elements[:, cols]
+            mae = host_mean(error[:, cols], where)
+            base = host_mean(persistence_error[:, cols], where)
+            out[f"mse{suffix}"] = host_mean(np.square(error[:, cols]), where)
+            out[f"mae{suffix}"] = mae
+            out[f"crps{suffix}"] = host_mean(crps[:, cols], where)
+            out[f"mase{suffix}"] = None if mae is None or not base else mae / base
+        return out
 
     # -- predictions ---------------------------------------------------------------------------
 

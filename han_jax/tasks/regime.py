@@ -8,6 +8,11 @@ KL between successive months); with targets but no valid row, a tiny regulariser
 
 Metrics: accuracy and balanced accuracy (mean recall over the classes present).
 Baseline: the training split's most frequent class. Prediction: the class probabilities.
+
+Proper scores of the probabilities (:mod:`han_jax.core.scores`): the multiclass log score,
+the Brier score and the top-label expected calibration error, beside balanced accuracy;
+against the training class frequencies ("climatology") and, in a backtest, the last
+known phase held ("persistence").
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from han_jax.config import LossConfig, ModelConfig
+from han_jax.core import scores
 from han_jax.core.batch import Targets
 from han_jax.core.reductions import class_sums, masked_count, masked_sum, namespace, psum, ratio, sum_and_count
-from han_jax.tasks.base import Task, actual, as_array, skill_score, valid_rows
+from han_jax.tasks.base import Task, actual, as_array, held, mean_or_none, skill_score, valid_rows
 
 
 def regime_labels(phase_index, n_classes: int, phase_to_coarse: Sequence[int]):
@@ -114,6 +120,7 @@ def balanced_accuracy(class_correct, class_count):
 
 class RegimeTask(Task):
     name = "regime"
+    headline_score = "log_score"
     outputs = ("regime_logits",)
     prior = 1.05  # the original's probe-based prior (MultiTaskLoss.DEFAULT_TASK_PRIORS)
     watch_collapse = True
@@ -240,6 +247,46 @@ class RegimeTask(Task):
 
         return {"skill/regime": skill_score(error(metrics.get("regime_balanced_accuracy")),
                                             [error(metrics.get("baseline/regime_balanced_accuracy"))])}
+
+    # -- proper scores ---------------------------------------------------------------------------
+
+    def baseline_forecasts(self, train, targets, known, ctx):
+        k = ctx.model.n_regime_classes
+        out = {}
+        labels = self._labels(train, ctx.model, ctx.loss)
+        if labels is not None and labels.size:
+            out["climatology"] = {"regime_probs": (np.bincount(labels, minlength=k) / labels.size)[None, :]}
+        if known is not None and known.last_phase_index is not None:
+            last = int(regime_labels(np.asarray([known.last_phase_index]), k, ctx.loss.phase_to_coarse)[0])
+            out["persistence"] = {"regime_probs": np.eye(k)[last][None, :]}
+        return out
+
+    def _scored(self, forecast, targets, ctx):
+        labels = self._labels(targets, ctx.model, ctx.loss)
+        valid = valid_rows(targets, targets.phase_valid)
+        if labels is None or labels.size == 0:
+            return None, None
+        probs = held(forecast["regime_probs"], len(valid))[valid]
+        return probs, labels
+
+    def proper_scores(self, forecast, targets, ctx):
+        probs, labels = self._scored(forecast, targets, ctx)
+        if probs is None:
+            return {"log_score": None, "brier": None, "ece": None, "balanced_accuracy": None}
+        k = probs.shape[1]
+        predicted = np.argmax(probs, axis=1)
+        count = np.bincount(labels, minlength=k).astype(np.float64)
+        correct = np.bincount(labels[predicted == labels], minlength=k).astype(np.float64)
+        return {"log_score": mean_or_none(scores.categorical_log_score(probs, labels)),
+                "brier": mean_or_none(scores.categorical_brier(probs, labels)),
+                "ece": scores.expected_calibration_error(probs, labels),
+                "balanced_accuracy": float(balanced_accuracy(correct, count))}
+
+    def calibration(self, forecast, targets, ctx):
+        probs, labels = self._scored(forecast, targets, ctx)
+        if probs is None:
+            return {}
+        return {"reliability": scores.reliability(np.max(probs, axis=1), np.argmax(probs, axis=1) == labels)}
 
     # -- predictions ---------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ last-month score (``anomaly_score[:, -1, 0]``, ``docs/model.md``), so this task 
 :mod:`han_jax.tasks.anomaly` share one output. Loss: binary cross-entropy of that logit
 clipped to +-50 (or, optionally, the focal loss of the original's later versions); without
 a valid row, a tiny regulariser. Baseline: the training split's transition rate.
+
+Proper scores of the probability (:mod:`han_jax.core.scores`): the log score, the Brier
+score and the average precision, for the model and for the training base rate alike.
 """
 
 from __future__ import annotations
@@ -16,8 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from han_jax.core import scores
 from han_jax.core.reductions import masked_sum, ratio, sum_and_count
-from han_jax.tasks.base import Task, actual, as_array, finite, host_mean, loss_key, skill_score, valid_rows
+from han_jax.tasks.base import (
+    Task,
+    actual,
+    as_array,
+    finite,
+    held,
+    host_mean,
+    loss_key,
+    mean_or_none,
+    skill_score,
+    valid_rows,
+)
 
 # The constant baseline probability is clipped before its logarithms are taken, so a train split
 # without (or with only) transitions gives a large finite cross-entropy instead of inf.
@@ -45,6 +60,7 @@ def sigmoid_focal_loss(logits, labels, alpha: float, gamma: float):
 
 class TransitionTask(Task):
     name = "transition"
+    headline_score = "log_score"
     outputs = ("anomaly_score",)
     prior = 1.4
     table_rows = ("baseline/transition_bce",)
@@ -112,6 +128,30 @@ class TransitionTask(Task):
             return {"skill/transition": None}
         return {"skill/transition": skill_score(metrics.get(loss_key(self.name)),
                                                 [metrics.get("baseline/transition_bce")])}
+
+    # -- proper scores ---------------------------------------------------------------------------
+
+    def baseline_forecasts(self, train, targets, known, ctx):
+        rate = self.fit_baseline(train, ctx.model, ctx.loss)
+        return {} if rate is None else {"base_rate": {"transition_prob": np.asarray([rate])}}
+
+    def _scored(self, forecast, targets):
+        valid = valid_rows(targets, targets.phase_valid)
+        if valid is None or targets.is_transition is None or not valid.any():
+            return None, None
+        return held(forecast["transition_prob"], len(valid))[valid], as_array(targets.is_transition, np.float64)[valid]
+
+    def proper_scores(self, forecast, targets, ctx):
+        p, y = self._scored(forecast, targets)
+        if p is None:
+            return {"log_score": None, "brier": None, "average_precision": None}
+        return {"log_score": mean_or_none(scores.binary_log_score(p, y)),
+                "brier": mean_or_none(scores.binary_brier(p, y)),
+                "average_precision": scores.average_precision(p, y)}
+
+    def calibration(self, forecast, targets, ctx):
+        p, y = self._scored(forecast, targets)
+        return {} if p is None else {"reliability": scores.reliability(p, y > 0.5)}
 
     # -- predictions ---------------------------------------------------------------------------
 
