@@ -121,7 +121,7 @@ def test_no_data_after_an_origin_reaches_its_forecast(tmp_path):
         runs[name] = str(tmp_path / name)
         backtest(config, runs[name], origins="2022-10:2022-10", quiet=True, log=lambda *a: None, world=world)
     base = _origin(runs["whole"])
-    assert _origin(runs["after_origin"])["forecast"] == base["forecast"]
+    assert _origin(runs["after_origin"])["predictions"] == base["predictions"]
     assert _origin(runs["after_month"]) == base
     # The outcome did change in the first case: the same forecast scores differently.
     assert _origin(runs["after_origin"])["scores"] != base["scores"]

@@ -150,12 +150,22 @@ def test_fixture_losses_default_is_log1p():
                                rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(none.stats.mean["personnel"][counts], np.nanmean(sel[:, counts], 0), rtol=1e-9)
     assert not np.allclose(ds.stats.mean["drones"], none.stats.mean["drones"])
-    # Monthly sources are not transformed.
+    # The monthly sources built from the daily counts are transformed too: their statistics are those of the
+    # transformed months, and the run's saved normalisation takes a forecast back to counts.
+    train_months = np.arange(cal.n_months) < len(np.unique(cal.month_of_day[:tr_end]))
     for name, _ in ds.monthly_sources:
-        np.testing.assert_array_equal(ds.stats.mean[name], none.stats.mean[name])
-        np.testing.assert_array_equal(ds.train.store.monthly[name], none.train.store.monthly[name])
+        assert w.monthly[name].counts
+        t = w.monthly[name]
+        raw = np.full((cal.n_months, t.n_features), np.nan)
+        raw[(t.dates.astype("datetime64[M]") - cal.start.astype("datetime64[M]")).astype(int)] = t.values
+        np.testing.assert_allclose(ds.stats.mean[name], np.nanmean(signed_log1p(raw[train_months]), 0), rtol=1e-9)
+        assert not np.allclose(ds.stats.mean[name], none.stats.mean[name])
+        z = ds.train.store.monthly[name][train_months][:2]
+        np.testing.assert_allclose(ds.normalisation.to_original_units("monthly", name, z), raw[train_months][:2],
+                                   rtol=1e-4, atol=1e-6)
     line = [r for r in ds.report if r.startswith("count transform: log1p")]
     assert len(line) == 1 and "43 of 45 daily features" in line[0] and "intensity_ratio" in line[0]
+    assert "personnel_monthly, equipment_monthly" in line[0]
     assert any(r.startswith("count transform: none") for r in none.report)
 
 

@@ -240,7 +240,7 @@ def score_origin(folder: str, day: np.datetime64, whole) -> dict:
         if cal:
             calibration[task.name] = _plain(cal)
     return {"origin": origin_label(day), "known_through": str(last_day), "scored_month": origin_label(day),
-            "forecast": {k: np.asarray(v)[0].tolist() for k, v in predictions.items()},
+            "predictions": {k: np.asarray(v)[0].tolist() for k, v in predictions.items()},
             "scores": scores, "calibration": calibration}
 
 

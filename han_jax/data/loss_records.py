@@ -465,7 +465,7 @@ def _monthly_from_daily(daily: Dict[str, SourceTable], report) -> Dict[str, Sour
         "personnel_monthly", months,
         np.column_stack([mean_p, mean_by_month(pm_idx, pw, n), np.sqrt(np.maximum(sq - mean_p ** 2, 0)), mx]),
         ("personnel_daily_mean", "pow_daily_mean", "personnel_daily_std", "personnel_daily_max"),
-        "monthly aggregate of personnel",
+        "monthly aggregate of personnel", counts=True,
     )
     cols, names = [], []
     e_months = None
@@ -478,7 +478,7 @@ def _monthly_from_daily(daily: Dict[str, SourceTable], report) -> Dict[str, Sour
                 cols.append(mean_by_month(idx, t.values[:, j], len(e_months)))
                 names.append(fname + "_mean")
     out["equipment_monthly"] = SourceTable("equipment_monthly", e_months, np.column_stack(cols), tuple(names),
-                                           "monthly aggregate of drones/armor/artillery")
+                                           "monthly aggregate of drones/armor/artillery", counts=True)
     note(report, "no monthly source CSVs: monthly inputs are monthly means of the daily loss deltas "
                  f"(personnel_monthly 4, equipment_monthly {len(names)}), not the original's monthly sources")
     return out

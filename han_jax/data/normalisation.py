@@ -47,14 +47,16 @@ class Normalisation:
 
     Attributes:
       count_transform: the ``DataConfig.count_transform`` that was applied (``"none"`` or ``"log1p"``).
-      transformed: ``{daily source: bool [F]}``, True for the features the transform touched
-        (monthly sources are never transformed).
+      transformed: ``{daily source: bool [F]}``, True for the features the transform touched.
       stats: the train-only statistics, of the transformed values.
+      monthly_transformed: ``{monthly source: bool [F]}``, the same for the monthly sources built
+        from daily counts (``han_jax.data.transform``); empty or all False for the others.
     """
 
     count_transform: str
     transformed: Dict[str, np.ndarray]
     stats: TrainStats
+    monthly_transformed: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def to_arrays(self) -> Dict[str, np.ndarray]:
         """Named arrays for ``np.savez`` (``daily/<source>/mean`` and so on; source order in ``*_sources``)."""
@@ -65,8 +67,9 @@ class Normalisation:
             for name in st.mean:
                 out[f"{kind}/{name}/mean"] = np.asarray(st.mean[name], np.float64)
                 out[f"{kind}/{name}/std"] = np.asarray(st.std[name], np.float64)
-                if kind == "daily":
-                    out[f"{kind}/{name}/transformed"] = np.asarray(self.transformed[name], bool)
+                touched = self.transformed if kind == "daily" else self.monthly_transformed
+                out[f"{kind}/{name}/transformed"] = np.asarray(
+                    touched.get(name, np.zeros(np.shape(st.mean[name]), bool)), bool)
         return out
 
     @classmethod
@@ -80,7 +83,7 @@ class Normalisation:
         if int(get("format")) != NORM_FORMAT:
             raise DataError(f"{where}: format {int(get('format'))}; expected {NORM_FORMAT}")
         method = check_count_transform(str(get("count_transform")))
-        stats, transformed = {}, {}
+        stats, transformed, monthly_transformed = {}, {}, {}
         for kind in ("daily", "monthly"):
             st = NormStats({}, {})
             for name in get(f"{kind}_sources").tolist():
@@ -90,8 +93,13 @@ class Normalisation:
                                     f"{st.std[name].shape}; expected two equal 1-D shapes")
                 if kind == "daily":
                     transformed[name] = get(f"{kind}/{name}/transformed").astype(bool)
+                else:
+                    # Statistics saved before monthly sources could be transformed have no such array: none was.
+                    key = f"monthly/{name}/transformed"
+                    monthly_transformed[name] = (np.asarray(arrays[key]).astype(bool) if key in arrays
+                                                 else np.zeros(st.mean[name].shape, bool))
             stats[kind] = st
-        return cls(method, transformed, TrainStats(stats["daily"], stats["monthly"]))
+        return cls(method, transformed, TrainStats(stats["daily"], stats["monthly"]), monthly_transformed)
 
     def to_original_units(self, kind: str, source: str, z: np.ndarray) -> np.ndarray:
         """Normalised values of one source's features ``[..., F]`` back in the data's units (float64).
@@ -101,8 +109,9 @@ class Normalisation:
         """
         st = getattr(self.stats, kind)
         x = np.asarray(z, np.float64) * st.std[source] + st.mean[source]
-        if kind == "daily":
-            x = invert_count_transform(x, self.transformed[source], self.count_transform)
+        touched = self.transformed if kind == "daily" else self.monthly_transformed
+        if source in touched:
+            x = invert_count_transform(x, touched[source], self.count_transform)
         return x
 
 

@@ -131,7 +131,7 @@ def build_datasets(world: World, config: DataConfig = DataConfig()) -> Datasets:
                              prediction_horizon=cfg.prediction_horizon)
         for name, a in anchors.items()
     }
-    normalisation = Normalisation(transformed.method, transformed.daily_features, stats)
+    normalisation = Normalisation(transformed.method, transformed.daily_features, stats, transformed.monthly_features)
     return _datasets(world, cfg, sources, cal, ranges, normalisation, splits, transformed)
 
 
@@ -199,10 +199,12 @@ def build_inference_windows(
                         daily_seq_len=cfg.daily_seq_len, monthly_seq_len=cfg.monthly_seq_len)
     transformed = transform_sources(align_sources(sources, cal), sources, method=normalisation.count_transform,
                                     missing_value=cfg.missing_value)
-    for name, touched in transformed.daily_features.items():
-        if not np.array_equal(touched, normalisation.transformed[name]):
-            raise DataError(f"daily source '{name}': the count transform would touch other features than the "
-                            "run's saved statistics record; expected the han-jax version that trained the run")
+    for kind, now, saved in (("daily", transformed.daily_features, normalisation.transformed),
+                             ("monthly", transformed.monthly_features, normalisation.monthly_transformed)):
+        for name, touched in now.items():
+            if not np.array_equal(touched, saved.get(name, np.zeros_like(touched))):
+                raise DataError(f"{kind} source '{name}': the count transform would touch other features than the "
+                                "run's saved statistics record; expected the han-jax version that trained the run")
     normalised = normalise_sources(transformed.aligned, normalisation.stats, missing_value=cfg.missing_value)
     store = _array_store(normalised, sources, cfg)
     days = _anchor_days(cal, first, last, daily_seq_len=cfg.daily_seq_len, monthly_seq_len=cfg.monthly_seq_len)

@@ -16,8 +16,11 @@ Which features are count-like: every daily feature except the ratios listed in
 dimensionless and already clipped to +-5 by the feature engineering). All the other
 daily loss features are counts or count-scale statistics of the deltas (daily
 deltas, rolling means, rolling stds, acceleration, momentum); none is already
-logged. Monthly sources are not transformed. Missing values (NaN, and a value equal
-to the missing-value sentinel) are left as they are, so the masks do not change.
+logged. A monthly source built from the daily counts (``SourceTable.counts``: the
+real data's ``personnel_monthly`` and ``equipment_monthly``) is transformed whole,
+so its values, the forecast head's targets, grow on the scale of the inputs; other
+monthly sources are not. Missing values (NaN, and a value equal to the missing-value
+sentinel) are left as they are, so the masks do not change.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class TransformedSources:
     method: str
     daily_features: Dict[str, np.ndarray]  # bool [F] per daily source
     skipped: Tuple[str, ...]  # names of the selected daily features the transform leaves alone
+    monthly_features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # bool [F] per monthly source
 
     def describe(self) -> str:
         """One line for the datasets' report."""
@@ -98,8 +102,11 @@ class TransformedSources:
         n = sum(int(m.sum()) for m in self.daily_features.values())
         total = sum(len(m) for m in self.daily_features.values())
         keep = f"; left as they are (ratios): {', '.join(self.skipped)}" if self.skipped else ""
+        counted = [name for name, m in self.monthly_features.items() if m.any()]
+        monthly = (f"; also the monthly sources built from daily counts ({', '.join(counted)}), forecast targets "
+                   "included" if counted else "; monthly sources untransformed")
         return (f"count transform: {self.method}, sign(x) * log1p(|x|) on {n} of {total} daily features "
-                f"before the train-only fit{keep}; monthly sources untransformed")
+                f"before the train-only fit{keep}{monthly}")
 
 
 def transform_sources(
@@ -112,12 +119,20 @@ def transform_sources(
     method = check_count_transform(method)
     if method == "none":
         none = {n: np.zeros(sources.daily[n].n_features, bool) for n in sources.daily_names}
-        return TransformedSources(aligned, method, none, ())
+        monthly_none = {n: np.zeros(sources.monthly[n].n_features, bool) for n in sources.monthly_names}
+        return TransformedSources(aligned, method, none, (), monthly_none)
     touched = {n: count_feature_mask(sources.daily[n].feature_names) for n in sources.daily_names}
+    monthly_touched = {n: np.full(sources.monthly[n].n_features, bool(sources.monthly[n].counts))
+                       for n in sources.monthly_names}
     skipped = tuple(dict.fromkeys(
         f for n in sources.daily_names for f, t in zip(sources.daily[n].feature_names, touched[n]) if not t))
-    daily = {}
-    for n, x in aligned.daily.items():
-        apply = touched[n][None, :] & ~np.isnan(x) & (x != missing_value)
-        daily[n] = np.where(apply, signed_log1p(x), x)
-    return TransformedSources(dataclasses.replace(aligned, daily=daily), method, touched, skipped)
+    def apply(arrays, masks):
+        out = {}
+        for n, x in arrays.items():
+            where = masks[n][None, :] & ~np.isnan(x) & (x != missing_value)
+            out[n] = np.where(where, signed_log1p(x), x)
+        return out
+
+    transformed = dataclasses.replace(aligned, daily=apply(aligned.daily, touched),
+                                      monthly=apply(aligned.monthly, monthly_touched))
+    return TransformedSources(transformed, method, touched, skipped, monthly_touched)

@@ -40,7 +40,10 @@ class SourceTable:
 
     ``dates`` are datetime64[D], strictly increasing; monthly sources use month
     starts. ``values`` is float64 ``[N, F]`` with NaN where missing. ``origin``
-    (a file path or "synthetic") is what error messages point at.
+    (a file path or "synthetic") is what error messages point at. ``counts``
+    marks a monthly source built from daily counts (every feature a count-scale
+    statistic of them): ``DataConfig.count_transform`` applies to it as to the
+    daily counts, so inputs and forecast targets grow on the same scale.
     """
 
     name: str
@@ -48,6 +51,7 @@ class SourceTable:
     values: np.ndarray
     feature_names: Tuple[str, ...]
     origin: str = "synthetic"
+    counts: bool = False
 
     @property
     def n_features(self) -> int:

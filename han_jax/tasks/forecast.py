@@ -331,7 +331,8 @@ class ForecastTask(Task):
         """``forecast/<source>/<feature>`` and ``actual/...`` of every monthly feature, in the data's units.
 
         Both come from the last position, normalised (monthly block first, in layout order);
-        the saved train statistics' z-score is undone (monthly sources are never count-transformed).
+        the saved train statistics' z-score is undone, then the count transform where the run applied it
+        (a monthly source built from daily counts), so the columns are in counts.
         """
         pred_z = np.asarray(predictions["forecast_next"], np.float64)
         true_z, true_ok = np.asarray(targets["forecast_targets"])[:, -1], np.asarray(targets["forecast_masks"])[:, -1]
