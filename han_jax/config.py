@@ -91,6 +91,12 @@ class ModelConfig:
     # 21 regime segments (probe on the learnable world: the last week's daily means give
     # val/test balanced accuracy 0.89/0.85, 12 weeks plus the monthly sources 0.49/0.48).
     regime_daily_state: bool = False
+    # han-jax option (off = the original): the transition logit comes from a head of its own
+    # (``transition_logit``, an MLP like the anomaly head's on the regime head's input) instead of
+    # the anomaly head's last-month score, which the original regresses to the VIIRS anomaly and
+    # classifies as a transition at once (README main job: transition log score 0.58 against the
+    # training base rate's 0.11). Adds one head's parameters.
+    transition_head: bool = False
     daily_sources: Optional[SourceLayout] = DAILY_SOURCES
     monthly_sources: Optional[SourceLayout] = MONTHLY_SOURCES
     # Hard-coded internals of the original, kept configurable.

@@ -121,9 +121,14 @@ def finite_or_zero_grad(fn):
     return wrapped
 
 
-def output_keys(tasks: Sequence[Task]) -> tuple:
+def task_outputs(task: Task, outputs: Mapping) -> tuple:
+    """The outputs ``task`` reads from this model: its required ones, and its optional ones the model produced."""
+    return task.outputs + tuple(k for k in task.optional_outputs if k in outputs)
+
+
+def output_keys(tasks: Sequence[Task], outputs: Mapping = {}) -> tuple:
     """Every model output some task reads (all have the batch axis first)."""
-    return tuple(dict.fromkeys(k for t in tasks for k in t.outputs))
+    return tuple(dict.fromkeys(k for t in tasks for k in task_outputs(t, outputs)))
 
 
 def scored_tasks(tasks: Sequence[Task], outputs: Mapping) -> tuple:
@@ -184,7 +189,7 @@ def forward_statistics(outputs: Mapping[str, Array], targets: Targets, *, tasks:
     """
     row = targets.sample_mask.astype(bool)
     scored = scored_tasks(tasks, outputs)
-    clean, nan_in_outputs = sanitize_outputs(outputs, row, output_keys(scored), axis_name)
+    clean, nan_in_outputs = sanitize_outputs(outputs, row, output_keys(scored, outputs), axis_name)
     _, lanes = row_lanes(targets, strata)
     losses, stats = {}, {}
     for task in scored:
@@ -193,7 +198,8 @@ def forward_statistics(outputs: Mapping[str, Array], targets: Targets, *, tasks:
             value, _ = task.finalize(jax.tree_util.tree_map(lambda x: x[0], lane_stats), loss)
             return jnp.asarray(value, jnp.float32), lane_stats
 
-        losses[task.name], stats[task.name] = finite_or_zero_grad(task_pass)({k: clean[k] for k in task.outputs})
+        losses[task.name], stats[task.name] = finite_or_zero_grad(task_pass)(
+            {k: clean[k] for k in task_outputs(task, outputs)})
     statistics = {"tasks": stats,
                   "n_rows": masked_sum(lanes.astype(jnp.float32), axis=1, axis_name=axis_name),
                   "nan_in_outputs": nan_in_outputs.astype(jnp.float32)}

@@ -408,8 +408,8 @@ def plot_backtest(report: Mapping, origins: Sequence[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     headline = {t.name: t.headline_score for t in task_registry.tasks() if t.headline_score}
-    tasks = [t for t in headline if any(r["task"] == t and r["score"] == headline[t] for o in origins
-                                        for r in o["scores"])]
+    tasks = [t for t in headline if any(r["task"] == t and r["score"] == headline[t] and r["value"] is not None
+                                        for o in origins for r in o["scores"])]
     # Each task's calibration panels, in registry order: a reliability diagram or a PIT histogram.
     extra = list(dict.fromkeys((t.name, kind) for t in task_registry.tasks() for o in origins
                                for kind in o.get("calibration", {}).get(t.name, {})))

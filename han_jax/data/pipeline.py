@@ -56,7 +56,7 @@ from han_jax.data.splits import (
 from han_jax.data.target_tables import forecast_table, target_tables
 from han_jax.data.transform import TransformedSources, check_count_transform, transform_sources
 from han_jax.data.vintage import check_publication_lags, parse_origin
-from han_jax.data.world import DataError, World, note, to_day
+from han_jax.data.world import DataError, World, note, parse_day
 
 __all__ = [
     "ArrayStore", "Calendar", "Datasets", "InferenceWindows", "NormStats", "SplitData", "build_datasets",
@@ -217,17 +217,6 @@ def build_inference_windows(
                  f"{cal.day_dates[days[-1]]}); data {cal.start}..{cal.end}; the run's saved normalisation "
                  f"(count transform {normalisation.count_transform}, train statistics), not refitted")
     return InferenceWindows(split, cal, cal.day_dates[days], report)
-
-
-def parse_day(value, name: str) -> np.datetime64:
-    """``value`` as a day (datetime64[D]); anything else is a one-line ``DataError`` naming ``name``."""
-    try:
-        day = to_day(value)
-    except (ValueError, TypeError):
-        raise DataError(f"{name}={value!r}; expected a date YYYY-MM-DD") from None
-    if np.isnat(day):
-        raise DataError(f"{name}={value!r}; expected a date YYYY-MM-DD")
-    return day
 
 
 def _anchor_days(cal: Calendar, first, last, *, daily_seq_len: int, monthly_seq_len: int) -> np.ndarray:

@@ -19,22 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Sequence, Tuple
 
 import numpy as np
 
-from han_jax.data.world import DataError, DayTargets, MonthTargets, SourceTable, World, month_start, note, to_day
+from han_jax.data.world import DataError, DayTargets, MonthTargets, SourceTable, World, month_start, note, parse_day
 
 
 def parse_origin(value, name: str = "data.known_at") -> np.datetime64:
     """``value`` as a day; anything else is a one-line ``DataError`` naming ``name``."""
-    try:
-        day = to_day(value)
-    except (ValueError, TypeError):
-        raise DataError(f"{name}={value!r}; expected a date YYYY-MM-DD") from None
-    if np.isnat(day):
-        raise DataError(f"{name}={value!r}; expected a date YYYY-MM-DD")
-    return day
+    return parse_day(value, name)
 
 
 def check_publication_lags(lags, known_at) -> dict:
@@ -111,7 +105,3 @@ def known_at(world: World, origin, publication_lags: Sequence[Tuple[str, int]] =
     # A world's extras (a generator's latent series) are not dated tables a cut could make safe: left out.
     return World(daily, monthly, day_targets, month_targets, name=world.name, report=report)
 
-
-def known_through(origin: Optional[str]) -> Optional[np.datetime64]:
-    """The last day a cut at ``origin`` keeps (None: no cut)."""
-    return None if origin is None else parse_origin(origin) - np.timedelta64(1, "D")

@@ -29,6 +29,17 @@ def to_day(x) -> np.datetime64:
     return np.datetime64(x, "D")
 
 
+def parse_day(value, name: str) -> np.datetime64:
+    """``value`` as a day (datetime64[D]); anything else is a one-line ``DataError`` naming ``name``."""
+    try:
+        day = to_day(value)
+    except (ValueError, TypeError):
+        raise DataError(f"{name}={value!r}; expected a date YYYY-MM-DD") from None
+    if np.isnat(day):
+        raise DataError(f"{name}={value!r}; expected a date YYYY-MM-DD")
+    return day
+
+
 def month_start(days: np.ndarray) -> np.ndarray:
     """datetime64[D] -> the first day of each one's month (datetime64[D])."""
     return np.asarray(days, dtype="datetime64[D]").astype("datetime64[M]").astype("datetime64[D]")

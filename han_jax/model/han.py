@@ -47,6 +47,9 @@ Deliberate differences from the original:
 - ``ModelConfig.regime_daily_state`` (off by default, on in the ``small`` preset)
   lets the regime head read, beside each month's temporal output, the daily
   temporal encoder's state on that month's last day.
+- ``ModelConfig.transition_head`` (off by default) adds a transition head of its
+  own (``transition_logit [B, M, 1]``, on the regime head's input); the original
+  reads the transition logit from the anomaly head's score.
 """
 
 from __future__ import annotations
@@ -208,6 +211,10 @@ class MultiResolutionHAN(nn.Module, kw_only=True):
             regime_in, deterministic=det
         )
         out["anomaly_score"] = mlp_head(hidden2=hid // 2, out=1, name="anomaly_head")(z, deterministic=det)
+        if cfg.transition_head:
+            # A transition is a change of regime: its head reads what the regime head reads.
+            out["transition_logit"] = mlp_head(hidden2=hid // 2, out=1, name="transition_head")(
+                regime_in, deterministic=det)
         out["forecast_pred"] = mlp_head(hidden2=hid, out=cfg.n_monthly_features, name="forecast_head")(
             z, deterministic=det
         )

@@ -53,6 +53,7 @@ class Task:
     Attributes:
       name: the task's name: the key of its loss, log-variance and metrics (``loss/<name>``).
       outputs: the model outputs the task reads; it is scored on a batch only when all are present.
+      optional_outputs: outputs it reads when the model produces them (a han-jax option's head).
       prior: the initial log-variance of the Kendall weighting.
       watch_collapse: the training loop warns when this task's loss collapses below 1e-3.
       metric_counts: each mean-valued metric of :meth:`metrics` -> the count it is computed over
@@ -71,6 +72,7 @@ class Task:
 
     name: ClassVar[str]
     outputs: ClassVar[tuple] = ()
+    optional_outputs: ClassVar[tuple] = ()
     prior: ClassVar[float] = 0.0
     watch_collapse: ClassVar[bool] = False
     metric_counts: ClassVar[Mapping[str, str]] = {}

@@ -2,7 +2,8 @@
 
 The original has no transition head: it reads the transition logit from the anomaly head's
 last-month score (``anomaly_score[:, -1, 0]``, ``docs/model.md``), so this task and
-:mod:`han_jax.tasks.anomaly` share one output. Loss: binary cross-entropy of that logit
+:mod:`han_jax.tasks.anomaly` share one output; ``ModelConfig.transition_head`` (a han-jax
+option, off by default) gives it a head of its own (``transition_logit``). Loss: binary cross-entropy of that logit
 clipped to +-50 (or, optionally, the focal loss of the original's later versions); without
 a valid row, a tiny regulariser. Baseline: the training split's transition rate.
 
@@ -39,9 +40,14 @@ from han_jax.tasks.base import (
 BCE_EPS = 1e-7
 
 
-def transition_logit(anomaly_score):
-    """The transition logit: the anomaly head's last-month score, clipped to +-50 as the original's loss clips it."""
-    return jnp.clip(anomaly_score[:, -1, 0], -50.0, 50.0)
+def transition_score(outputs):
+    """The last-month transition score: the transition head's where the model has one, else the anomaly head's."""
+    return outputs.get("transition_logit", outputs["anomaly_score"])[:, -1, 0]
+
+
+def transition_logit(outputs):
+    """The transition logit: the last-month score, clipped to +-50 as the original's loss clips it."""
+    return jnp.clip(transition_score(outputs), -50.0, 50.0)
 
 
 def sigmoid_focal_loss(logits, labels, alpha: float, gamma: float):
@@ -62,17 +68,18 @@ class TransitionTask(Task):
     name = "transition"
     headline_score = "log_score"
     outputs = ("anomaly_score",)
+    optional_outputs = ("transition_logit",)  # ModelConfig.transition_head
     prior = 1.4
     table_rows = ("baseline/transition_bce",)
 
     def statistics(self, outputs, targets, row, config, axis_name):
-        score_last = outputs["anomaly_score"][:, -1, 0]
+        score_last = transition_score(outputs)
         stats = {}
         stats["score_sq_sum"], stats["n_rows"] = sum_and_count(jnp.square(score_last), row, axis_name=axis_name)
         if targets.is_transition is None or targets.phase_valid is None:
             return stats
         valid = row & targets.phase_valid.astype(bool)
-        logits = transition_logit(outputs["anomaly_score"])
+        logits = transition_logit(outputs)
         labels = targets.is_transition.astype(jnp.float32)
         if config.transition_focal:
             per_row = sigmoid_focal_loss(logits, labels, config.focal_alpha, config.focal_gamma)
@@ -156,7 +163,7 @@ class TransitionTask(Task):
     # -- predictions ---------------------------------------------------------------------------
 
     def predict(self, outputs, model, loss):
-        return {"transition_prob": jax.nn.sigmoid(transition_logit(outputs["anomaly_score"].astype(jnp.float32)))}
+        return {"transition_prob": jax.nn.sigmoid(transition_logit(outputs).astype(jnp.float32))}
 
     def columns(self, predictions, targets, ctx):
         return {"transition_prob": np.asarray(predictions["transition_prob"], np.float64),
