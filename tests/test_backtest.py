@@ -22,7 +22,7 @@ from han_jax.app.backtest import (
 )
 from han_jax.app.train import train
 from han_jax.config import ConfigError
-from han_jax.data import known_at, make_world
+from han_jax.data import DataError, known_at, make_world
 from tests.helpers import tiny_config
 from tests.test_vintage import _changed_after
 
@@ -164,10 +164,11 @@ def test_a_resumed_backtest_equals_an_uninterrupted_one(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("prediction_horizon", 2, "data.prediction_horizon=2: a backtest scores the month after each origin"),
     ("known_at", "2022-09-01", "a backtest sets it at each origin"),
+    ("publication_lags", (("nowhere", 1),), r"data.publication_lags names \['nowhere'\]"),
 ])
 def test_settings_a_backtest_cannot_honour_are_refused_before_any_work(tmp_path, field, value, message):
     config = _config()
     config = config.replace(data=dataclasses.replace(config.data, **{field: value}))
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises((ConfigError, DataError), match=message):
         backtest(config, str(tmp_path / "bt"), origins="2022-10:2022-10", quiet=True)
     assert not os.path.exists(tmp_path / "bt")

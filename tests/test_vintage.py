@@ -89,7 +89,6 @@ def test_the_data_of_an_origin_does_not_depend_on_anything_after_it():
     ((("nowhere", 1),), "2022-10-01", "data.publication_lags names ['nowhere']"),
     ((("sentinel", -1),), "2022-10-01", "expected [source, months] with months an integer >= 0"),
     ((("sentinel", 1), ("sentinel", 2)), "2022-10-01", "names 'sentinel' twice"),
-    ((("sentinel", 1),), None, "data.publication_lags is set without data.known_at"),
     ((), "October", "data.known_at='October'; expected a date YYYY-MM-DD"),
     ((), "2022-02-01", "has no record before 2022-02-01"),
 ])
@@ -98,3 +97,11 @@ def test_bad_cuts_are_one_line_errors(lags, known, message):
     with pytest.raises(DataError) as e:
         make_world(data)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lags_without_an_origin_are_reported_not_applied():
+    data = dataclasses.replace(DataConfig.small(), publication_lags=(("sentinel", 2),))
+    world = make_world(data)
+    assert world.report[-1].startswith("data.publication_lags not applied")
+    assert np.asarray(world.monthly["sentinel"].dates)[-1] == np.asarray(make_world(DataConfig.small())
+                                                                          .monthly["sentinel"].dates)[-1]

@@ -272,6 +272,7 @@ def backtest(config: Config, run_dir: str, *, origins: str, refit: str = "full",
     days = parse_origins(origins)
     whole = make_world(config.data) if world is None else world  # bad data fails here, before any training
     check_origins(days, whole)
+    known_at(whole, days[0], config.data.publication_lags)  # a lag naming no source fails here too
     settings = Settings(config_to_dict(config), tuple(origin_label(d) for d in days), refit, fingerprint(whole))
     os.makedirs(run_dir, exist_ok=True)
     with lock_run_dir(run_dir, "han-jax backtest"):

@@ -19,7 +19,7 @@ from han_jax.data.pipeline import (
 from han_jax.data.synthetic import make_synthetic_world
 from han_jax.data.transform import COUNT_TRANSFORMS
 from han_jax.data.vintage import known_at
-from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTargets, SourceTable, World
+from han_jax.data.world import DataError, DayTargets, MissingFileError, MonthTargets, SourceTable, World, note
 
 __all__ = [
     "COUNT_TRANSFORMS", "Calendar", "DataConfig", "DataError", "DataLayout", "Datasets", "DayTargets",
@@ -40,6 +40,9 @@ def make_world(config: DataConfig) -> World:
     world = _whole_world(config)
     if config.known_at is not None:
         world = known_at(world, config.known_at, config.publication_lags)
+    elif config.publication_lags:
+        note(world.report, "data.publication_lags not applied: they count back from an origin (data.known_at, set "
+                           "at each origin of a backtest); this run reads all the data")
     return world
 
 

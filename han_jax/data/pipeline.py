@@ -260,7 +260,7 @@ def check_config(cfg: DataConfig) -> None:
     check_implausible_values(cfg.implausible_values)
     if cfg.known_at is not None:
         parse_origin(cfg.known_at)
-    check_publication_lags(cfg.publication_lags, cfg.known_at)
+    check_publication_lags(cfg.publication_lags)
     s = cfg.val_sample_stride
     if s is not None and (isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1):
         raise DataError(

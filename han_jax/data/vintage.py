@@ -31,11 +31,11 @@ def parse_origin(value, name: str = "data.known_at") -> np.datetime64:
     return parse_day(value, name)
 
 
-def check_publication_lags(lags, known_at) -> dict:
+def check_publication_lags(lags) -> dict:
     """``{source: months}`` from ``DataConfig.publication_lags``; a one-line ``DataError`` for a bad entry.
 
-    Lags say how late a monthly source is published relative to an origin, so they need one
-    (``data.known_at``): without it they would be silently ignored.
+    Lags count back from an origin (``data.known_at``, set per origin by a backtest); a run
+    without one reads all the data, and its data report says the lags were not applied.
     """
     lags = () if lags is None else lags
     out = {}
@@ -47,9 +47,6 @@ def check_publication_lags(lags, known_at) -> dict:
         if entry[0] in out:
             raise DataError(f"data.publication_lags names '{entry[0]}' twice; expected one lag per source")
         out[entry[0]] = int(entry[1])
-    if out and known_at is None:
-        raise DataError("data.publication_lags is set without data.known_at; a lag is counted back from an origin "
-                        "(expected data.known_at=YYYY-MM-DD too)")
     return out
 
 
@@ -82,7 +79,7 @@ def known_at(world: World, origin, publication_lags: Sequence[Tuple[str, int]] =
         with no record before its cut.
     """
     day = parse_origin(origin)
-    lags: Mapping[str, int] = check_publication_lags(publication_lags, day)
+    lags: Mapping[str, int] = check_publication_lags(publication_lags)
     unknown = sorted(set(lags) - set(world.monthly))
     if unknown:
         raise DataError(f"data.publication_lags names {unknown}; the data's monthly sources are "
