@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from han_jax import tasks
 from han_jax.app.evaluate import split_targets, with_baselines
+from han_jax.app.runs import prepare
 from han_jax.config import PHASE_TO_COARSE, LossConfig, ModelConfig
 from han_jax.core.batch import Targets
 from han_jax.tasks.forecast import next_month_elements
 from han_jax.tasks.regime import balanced_accuracy, regime_labels
+from tests.helpers import tiny_config
 
 K = 4  # coarse regime classes
 P2C = PHASE_TO_COARSE  # (0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3)
@@ -437,3 +439,39 @@ def test_real_pipeline_fit_ignores_the_other_splits(small_datasets):
 def test_baselines_never_replace_the_model_s_numbers():
     with pytest.raises(ValueError, match="would replace the model's"):
         with_baselines({"n/forecast_next": 3.0}, {"n/forecast_next": 2.0}, TASKS)
+
+
+# --- the proper-score baselines -------------------------------------------------------------------------------------
+
+
+def _losses_context():
+    config = tiny_config()
+    config = config.replace(data=dataclasses.replace(config.data, source="losses", monthly_sources=None,
+                                                     count_transform="log1p"))
+    datasets, resolved = prepare(config)
+    model = resolved.model(config.model)
+    return datasets, tasks.TableContext(model, LossConfig(), datasets.normalisation, datasets.layout)
+
+
+def test_the_zero_forecast_is_zero_counts_in_the_heads_units():
+    datasets, ctx = _losses_context()
+    train, val = split_targets(datasets.train), split_targets(datasets.val)
+    zero = tasks.get("forecast").baseline_forecasts(train, val, None, ctx)["zero"]["forecast_next"][0]
+    start = 0
+    for src, feats in ctx.layout.monthly:
+        back = ctx.normalisation.to_original_units("monthly", src, zero[start:start + len(feats)])
+        np.testing.assert_allclose(back, 0.0, atol=1e-9)
+        start += len(feats)
+    assert start == zero.shape[0] == ctx.model.n_monthly_features
+
+
+def test_every_forecaster_of_a_task_is_scored_on_the_same_elements():
+    """Persistence's MASE is 1 by definition: its MAE and the denominator are taken on the same elements."""
+    datasets, ctx = _losses_context()
+    train, val = split_targets(datasets.train), split_targets(datasets.val)
+    forecast = tasks.get("forecast")
+    for name, fc in forecast.baseline_forecasts(train, val, None, ctx).items():
+        scores = forecast.proper_scores(fc, val, ctx)
+        assert scores["mae"] is not None and scores["mase"] is not None, name
+        if name == "persistence":
+            assert scores["mase"] == pytest.approx(1.0) and scores["crps"] == scores["mae"]

@@ -15,7 +15,7 @@ training split's per-feature climatology, scored on exactly those elements.
 
 Proper scores (:meth:`ForecastTask.proper_scores`), overall and per source, in normalised
 units: MSE, MAE, the CRPS (a point forecast's is its absolute error) and the MASE, the MAE
-over persistence's on the same elements; against persistence (the last month the window
+over persistence's on the same elements; against zero, persistence (the last month the window
 holds), the training climatology and "conflictology", the empirical distribution of the
 earlier months the window holds (``monthly_seq_len - 1`` of them).
 """
@@ -73,6 +73,15 @@ def source_columns(sources, n_total: int) -> list:
     if start > n_total:
         raise ValueError(f"forecast sources need {start} columns; the forecast targets have {n_total}")
     return out
+
+
+def _zero_in_model_units(ctx) -> np.ndarray:
+    """A forecast of 0 (no events, no losses) for every monthly feature, in the normalised units the head predicts.
+
+    The count transform maps 0 to 0, so zero is the z-score of 0 under the run's train statistics.
+    """
+    stats = ctx.normalisation.stats.monthly
+    return np.concatenate([(0.0 - stats.mean[src]) / stats.std[src] for src, _ in ctx.layout.monthly])
 
 
 def _last_known(y, ok):
@@ -273,6 +282,8 @@ class ForecastTask(Task):
         climatology = self.fit_baseline(train, ctx.model, ctx.loss)
         if climatology is not None:
             out["climatology"] = {"forecast_next": climatology[None, :]}
+        if ctx.normalisation is not None and ctx.layout is not None:
+            out["zero"] = {"forecast_next": _zero_in_model_units(ctx)[None, :]}
         return out
 
     def proper_scores(self, forecast, targets, ctx):
