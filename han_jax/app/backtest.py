@@ -225,7 +225,7 @@ def score_origin(folder: str, day: np.datetime64, whole) -> dict:
         raise DataError(f"origin {origin_label(day)}: no window ends on {last_day}; expected data up to the origin")
     all_rows = split_targets(outcome.split)
     rows = {"origin": _hide_unpublished(_rows(all_rows, slice(0, 1)), run.layout, dict(data.publication_lags)),
-            "month": _rows(all_rows, slice(1, None))}
+            "month": _rows(all_rows, slice(1, None)), "month_once": _rows(all_rows, slice(1, 2))}
     train_targets = split_targets(build_datasets(known, data).train)
     ctx = TableContext(run.spec.objective.model, run.spec.objective.loss, run.normalisation, run.layout)
     base = known_at_origin(known, day)

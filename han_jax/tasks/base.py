@@ -60,8 +60,9 @@ class Task:
         (on the host a metric whose count is 0 is None, not 0).
       table_rows: the rows of the split table this task contributes, in order (metrics and baselines).
       backtest_rows: the rows a backtest scores the forecast made at an origin on: ``"month"``, every
-        day of the month after the origin (the forecast held); ``"origin"``, the origin's own window,
-        whose targets already lie in the month after (the forecast head's next month).
+        day of the month after the origin (the forecast held); ``"month_once"``, its first day only
+        (a monthly target: one outcome a month); ``"origin"``, the origin's own window, whose targets
+        already lie in the month after (the forecast head's next month).
       headline_score: the proper score the split table and the backtest plot show for every
         baseline (lower is better); the JSON reports hold them all.
     """

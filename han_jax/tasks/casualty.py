@@ -105,6 +105,7 @@ def zinb_nll(y, pi, mu, theta, eps: float = 1e-8, max_loss: float = 20.0):
 class CasualtyTask(Task):
     name = "casualty"
     headline_score = "crps"
+    backtest_rows = "month_once"  # one total a month: every day of the month has the same outcome
     outputs = ("casualty_pred", "casualty_var")
     prior = 1.4
     metric_counts = {"casualty_mae": "n/casualty"}
