@@ -428,6 +428,9 @@ def plot_backtest(report: Mapping, origins: Sequence[dict], path: str) -> None:
             ys = [np.nan if vals.get(lab) is None else vals[lab] for lab in labels]
             ax.plot(labels, ys, marker="o", ms=3, lw=2 if name == MODEL else 1, color="k" if name == MODEL else f"C{i}",
                     label=name)
+        finite = [v for vals in by_forecaster.values() for v in vals.values() if v is not None]
+        if finite and min(finite) > 0 and max(finite) > 10 * min(finite):
+            ax.set_yscale("log")  # a far-off baseline (zero counts) would flatten the others
         ax.set_title(f"{task}: {score} at each origin (lower is better)", fontsize=9)
         ax.legend(fontsize=7, ncol=5)
         ax.tick_params(axis="x", labelsize=7, rotation=45)
