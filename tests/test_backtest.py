@@ -20,6 +20,7 @@ from han_jax.app.backtest import (
     summarise,
     summary_table,
 )
+from han_jax.app.runs import load_run
 from han_jax.app.train import train
 from han_jax.config import ConfigError
 from han_jax.data import DataError, known_at, make_world
@@ -172,3 +173,23 @@ def test_settings_a_backtest_cannot_honour_are_refused_before_any_work(tmp_path,
     with pytest.raises((ConfigError, DataError), match=message):
         backtest(config, str(tmp_path / "bt"), origins="2022-10:2022-10", quiet=True)
     assert not os.path.exists(tmp_path / "bt")
+
+
+@pytest.mark.integration
+def test_a_warm_refit_starts_each_origin_from_the_previous_best_state(tmp_path):
+    config = _config()
+    run_dir = str(tmp_path / "warm")
+    backtest(config, run_dir, origins="2022-10:2022-11", refit="warm", quiet=True, log=lambda *a: None)
+    with open(os.path.join(run_dir, ORIGINS_DIR, "2022-11", "train.log")) as f:
+        second = f.read()
+    with open(os.path.join(run_dir, ORIGINS_DIR, "2022-10", "train.log")) as f:
+        first = f.read()
+    previous = os.path.join(run_dir, ORIGINS_DIR, "2022-10")
+    assert f"state: continued from {previous} (best checkpoint)" in second
+    assert "state: continued from" not in first
+    # The state is the previous origin's best one, counters included: the second origin's micro-batches
+    # continue from where that state stopped (a fresh state would count from 0).
+    best_before = int(load_run(previous, "best").state.step)
+    second_run = load_run(os.path.join(run_dir, ORIGINS_DIR, "2022-11"), "latest")
+    assert best_before > 0
+    assert int(second_run.state.step) == best_before + config.train.epochs * second_run.resolved.steps_per_epoch
