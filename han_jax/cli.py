@@ -1,4 +1,4 @@
-"""``han-jax train``, ``audit``, ``evaluate``, ``predict`` and ``import-torch``.
+"""``han-jax train``, ``backtest``, ``audit``, ``evaluate``, ``predict`` and ``import-torch``.
 
 Any configuration value can be overridden with ``--set section.field=value``
 (e.g. ``--set model.d_model=64 --set step.optim.learning_rate=3e-4``); the
