@@ -7,6 +7,7 @@ aggregate (``core/aggregate.py``) reads its section of the configuration, the re
 """
 
 import ast
+import functools
 import gc
 import os
 
@@ -28,26 +29,30 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _parse(path):
+@functools.lru_cache(maxsize=1)
+def _parsed() -> tuple:
+    """``(module, ast)`` of every module of the package, parsed once for all the tests here."""
     # CPython 3.11 counts the AST constructor's recursion depth in a global: a garbage collection inside
     # ast.parse that formats a traceback (an orbax task's exception never retrieved, collected here) parses
-    # again and trips "AST constructor recursion depth mismatch". Collect first and parse with gc off.
+    # again and trips "AST constructor recursion depth mismatch". Collect once, then parse with gc off.
     gc.collect()
     gc.disable()
     try:
-        with open(path) as handle:
-            return ast.parse(handle.read())
+        out = []
+        for folder, _, files in os.walk(ROOT):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+                    with open(path) as handle:
+                        out.append((rel.removesuffix(".__init__"), ast.parse(handle.read())))
+        return tuple(out)
     finally:
         gc.enable()
 
 
 def _modules():
-    for folder, _, files in os.walk(ROOT):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
-                yield rel.removesuffix(".__init__"), _parse(path)
+    return iter(_parsed())
 
 
 def _han_jax_imports(tree):
