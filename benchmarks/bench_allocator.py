@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_allocator.py [--preset default] [--steps 8] [--rounds 2] [--out FILE.json]
+    python benchmarks/bench_allocator.py [--preset default] [--steps 8] [--rounds 2] [--settings a,b]
+                                         [--repo NAME=PATH ...] [--out FILE.json]
 
 One process fills a new compilation-cache folder (a cold start). Then, for ``--rounds`` rounds, one
 fresh process per heap setting, alternating, loads the stored steps from that folder as a warm start
@@ -17,6 +18,10 @@ time (``getrusage``), and the peak resident memory. Settings:
 * ``tunables``: the same settings as glibc tunables in the environment, the reference for ``glibc``;
 * ``jemalloc`` / ``tcmalloc``: ``LD_PRELOAD`` of the library, as the ``han-jax`` command re-executes
   itself with it (``auto``: tcmalloc), where it is installed.
+
+``--repo NAME=PATH`` (repeatable) measures other checkouts of han-jax the same way, each with its
+own compilation-cache folder, every (checkout, setting) pair alternating with the others: a
+before/after table of a code change on one machine in one session. Without it, this checkout.
 
 Output: a markdown table (medians over rounds) on stdout and, with ``--out``, JSON.
 """
@@ -72,14 +77,15 @@ def worker(preset: str, cache_dir: str, launched: float, steps: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run(preset: str, cache_dir: str, steps: int, env_extra: dict) -> dict:
+def run(preset: str, cache_dir: str, steps: int, env_extra: dict, repo: str = REPO) -> dict:
+    """One fresh process of ``repo``'s :func:`worker` with the heap settings ``env_extra``."""
     launched = time.time()
-    code = (f"import json, sys; sys.path.insert(0, {REPO!r}); from benchmarks.bench_allocator import worker; "
+    code = (f"import json, sys; sys.path.insert(0, {repo!r}); from benchmarks.bench_allocator import worker; "
             f"print('ALLOC ' + json.dumps(worker({preset!r}, {cache_dir!r}, {launched!r}, {steps!r})))")
     heap_env = (allocator.ENV, "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")
     env = {k: v for k, v in os.environ.items() if k not in heap_env}
     env.update(JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), **env_extra)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
     for line in proc.stdout.splitlines():
         if line.startswith("ALLOC "):
             return json.loads(line[len("ALLOC "):])
@@ -121,18 +127,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=8, help="train steps measured per process after the first")
     ap.add_argument("--rounds", type=int, default=2, help="processes per setting, alternating")
     ap.add_argument("--settings", help="comma-separated subset of: " + ", ".join(settings()))
+    ap.add_argument("--repo", action="append", default=[], metavar="NAME=PATH",
+                    help="a checkout to measure (repeatable); default: this one")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     chosen = settings()
     if args.settings:
         chosen = {name: chosen[name] for name in args.settings.split(",")}
-    results = {name: [] for name in chosen}
-    with tempfile.TemporaryDirectory(prefix="han-jax-xla-") as cache_dir:
-        cold = run(args.preset, cache_dir, 0, {})
-        print(f"cold start: {cold.get('time_to_first_step_s', cold.get('error'))}", file=sys.stderr, flush=True)
+    repos = {}
+    for item in args.repo:
+        name, sep, path = item.partition("=")
+        if not sep or not os.path.isfile(os.path.join(path, "benchmarks", "bench_allocator.py")):
+            ap.error(f"--repo {item!r}: expected NAME=PATH of a han-jax checkout with benchmarks/bench_allocator.py")
+        repos[name] = os.path.abspath(path)
+    rows = ({(f"{repo} {name}" if repos else name): (path, env) for repo, path in (repos or {"": REPO}).items()
+             for name, env in chosen.items()})
+    results = {row: [] for row in rows}
+    with tempfile.TemporaryDirectory(prefix="han-jax-xla-") as cache_root:
+        cold = {}
+        for path in dict.fromkeys(path for path, _ in rows.values()):
+            cache_dir = os.path.join(cache_root, str(len(cold)))
+            cold[path] = (cache_dir, run(args.preset, cache_dir, 0, {}, path))
+            shown = cold[path][1].get("time_to_first_step_s", cold[path][1].get("error"))
+            print(f"cold start {path}: {shown}", file=sys.stderr, flush=True)
         for i in range(args.rounds):
-            for name, env in chosen.items():
-                r = run(args.preset, cache_dir, args.steps, env)
+            for name, (path, env) in rows.items():
+                r = run(args.preset, cold[path][0], args.steps, env, path)
                 results[name].append(r)
                 shown = r.get("error", "")[-300:] or (f"{statistics.median(s['step_s'] for s in r['steps']):.2f} s, "
                                                       f"{r['peak_rss_mb']:.0f} MiB")
@@ -141,7 +161,8 @@ def main(argv=None) -> dict:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, glibc {platform.libc_ver()[1]}"
     print(f"Machine: {machine}; preset {args.preset}, B from the preset, {args.steps} steps x {args.rounds} "
           f"processes per setting\n\n{markdown(table)}")
-    out = {"machine": machine, "preset": args.preset, "cold_start": cold, "summary": table, "processes": results}
+    out = {"machine": machine, "preset": args.preset, "repos": repos,
+           "cold_start": {path: r for path, (_, r) in cold.items()}, "summary": table, "processes": results}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

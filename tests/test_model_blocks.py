@@ -213,8 +213,8 @@ def test_deferred_normalisation_equals_softmax_then_dropout():
 
 def test_blocked_attention_drops_what_dense_attention_drops():
     """With dropout on, each query block takes its window of the whole attention's mask (one key per
-    attention): blocked and dense attention give the same training outputs, and the windows' bits are the
-    whole mask's."""
+    attention): blocked attention (heads first) and dense attention (the callers' layout) give the same
+    training outputs and gradients, and the windows' bits are the whole mask's."""
     from han_jax.model.attention import AttentionCore
     from han_jax.model.dropout import hashed_bits
 
@@ -224,10 +224,18 @@ def test_blocked_attention_drops_what_dense_attention_drops():
     rngs = {"dropout": jax.random.PRNGKey(7)}
     dense = AttentionCore(dropout=0.3, policy=Policy())
     blocked = AttentionCore(dropout=0.3, policy=Policy(), band=(None, 0), block_size=32)
-    ref, ref_probs = jax.jit(lambda: dense.apply({}, q, k, v, valid, False, rngs=rngs))()
-    out, probs = jax.jit(lambda: blocked.apply({}, q, k, v, valid, False, rngs=rngs))()
+
+    def run(core):
+        out, probs = core.apply({}, q, k, v, valid, False, rngs=rngs)
+        loss = lambda q, k, v: jnp.sum(jnp.sin(core.apply({}, q, k, v, valid, False, rngs=rngs)[0]))
+        return out, probs, jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    ref, ref_probs, ref_grads = jax.jit(lambda: run(dense))()
+    out, probs, grads = jax.jit(lambda: run(blocked))()
     chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(grads[2]))) > 0.0
     seed = jnp.asarray([3, 11], jnp.uint32)
     whole = hashed_bits(seed, (2, 3, 40, 50))
     window = hashed_bits(seed, (2, 3, 8, 20), within=(2, 3, 40, 50), offsets=(0, 0, 16, 30))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -51,23 +51,31 @@ class AttentionCore(nn.Module, kw_only=True):
     the band allows: at T=365 and blocks of 64 the causal daily encoders do 58% of the dense work, the
     31-day local window 26%, and each block's [B, H, block, keys] arrays stay
     in cache. The mask is still applied inside every block, so the result is the
-    dense result; ``tests/test_model_blocks.py`` checks both agree.
+    dense result; ``tests/test_model_blocks.py`` checks both agree. Blocked attention
+    moves q, k and v to [B, H, T, hd] once, so that each block's dots batch over
+    (B, H) with no transposes of their own (``benchmarks/README.md``: 7 % of a daily
+    encoder layer); unblocked attention keeps the callers' layout, which measured faster
+    for the daily fusion's four keys.
 
     Dropout draws one key per attention (not per block) and each block takes its window
     of the whole [B, H, Q, K] mask (:func:`~han_jax.model.dropout.dropout`), so blocked and
     dense attention drop the same probabilities, and a block adds no generator call.
 
-    Without active dropout (``deterministic`` or rate 0) each block goes through
-    ``jax.nn.dot_product_attention`` (``implementation``: None lets JAX choose,
-    e.g. a fused cuDNN kernel on GPU; "xla" forces the XLA path), times "row has a
-    valid key". ``probs`` is computed densely for callers that return attention
+    Without active dropout (``deterministic`` or rate 0) and with ``fused``, each block
+    goes through ``jax.nn.dot_product_attention`` (``implementation``: None lets JAX
+    choose, e.g. a fused cuDNN kernel on GPU; "xla" forces the XLA path), times "row
+    has a valid key". ``fused=None`` (the default) means fused except on CPU: there
+    the function's XLA path (a normalised softmax written out, then the value product)
+    measured 17 % slower than the explicit path for a daily encoder stack in the eval
+    step (``benchmarks/README.md``), so CPU runs the explicit path, without dropout, in
+    every phase. ``probs`` is computed densely for callers that return attention
     maps (after dropout while training, as torch returns them); XLA drops it when
     it is unused.
     """
 
     dropout: float
     policy: Policy
-    fused: bool = True
+    fused: Optional[bool] = None
     implementation: Optional[str] = None
     band: Optional[Band] = None
     block_size: int = 64
@@ -81,7 +89,10 @@ class AttentionCore(nn.Module, kw_only=True):
             # The whole attention's mask, (key, [B, H, Q, K]); each block drops its window of it.
             drop = (self.make_rng("dropout"), (q.shape[0], q.shape[2], qn, kn))
         if self.band is None or valid is None or self.block_size <= 0 or qn != kn or qn <= self.block_size:
-            return self._attend(q, k, v, valid, scale, deterministic, drop, (0, 0))
+            return self._attend(q, k, v, valid, scale, deterministic, drop, (0, 0), _TOKENS_FIRST)
+        # Blocked: heads first, once, so that no block transposes its slices of q, k and v
+        # again for its dots (a tenth of a causal daily encoder layer's time on CPU).
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
         lookback, lookahead = self.band
         outs, probs = [], []
         for a in range(0, qn, self.block_size):
@@ -89,28 +100,35 @@ class AttentionCore(nn.Module, kw_only=True):
             lo = 0 if lookback is None else max(0, a - lookback)
             hi = kn if lookahead is None else min(kn, b + lookahead)
             vb = valid[..., a:b, lo:hi] if valid.shape[-2] != 1 else valid[..., lo:hi]
-            out, p = self._attend(q[:, a:b], k[:, lo:hi], v[:, lo:hi], vb, scale, deterministic, drop, (a, lo))
+            out, p = self._attend(
+                q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], vb, scale, deterministic, drop, (a, lo), _HEADS_FIRST
+            )
             outs.append(out)
             probs.append(jnp.pad(p, ((0, 0), (0, 0), (0, 0), (lo, kn - hi))))
-        return jnp.concatenate(outs, axis=1), jnp.concatenate(probs, axis=2)
+        return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2), jnp.concatenate(probs, axis=2)
 
-    def _attend(self, q, k, v, valid, scale, deterministic, drop, start):
-        """(out [B,Q,H,hd], the probabilities that weighted v [B,H,Q,K]) for the block at ``start`` (query, key)."""
+    def _attend(self, q, k, v, valid, scale, deterministic, drop, start, layout: "_Layout"):
+        """(out, the probabilities that weighted v [B,H,Q,K]) for the block at ``start`` (query, key).
+
+        q, k, v and out are [B, T, H, hd] or, blocked, [B, H, T, hd] (``layout``).
+        """
         cdt = self.policy.compute_dtype
         row_ok = None
         if valid is not None:
-            b, qn, kn = q.shape[0], q.shape[1], k.shape[1]
+            b, qn, kn = q.shape[0], q.shape[layout.tokens], k.shape[layout.tokens]
             valid = jnp.broadcast_to(valid, (b, valid.shape[1], qn, kn))
             row_ok = jnp.any(valid, axis=-1, keepdims=True)  # [B, 1|H, Q, 1]
-        if self.fused and (deterministic or self.dropout == 0.0):
+        fused = self.fused if self.fused is not None else jax.default_backend() != "cpu"
+        if fused and (deterministic or self.dropout == 0.0):
+            tokens_first = (lambda x: jnp.swapaxes(x, 1, 2)) if layout is _HEADS_FIRST else (lambda x: x)
             out = jax.nn.dot_product_attention(
-                q.astype(cdt), k.astype(cdt), v.astype(cdt), mask=valid, scale=scale,
+                *(tokens_first(x).astype(cdt) for x in (q, k, v)), mask=valid, scale=scale,
                 implementation=self.implementation,
             )
             if row_ok is not None:
                 out = out * jnp.swapaxes(row_ok, 1, 2).astype(out.dtype)
-            return out, self.probabilities(q, k, valid, scale)
-        logits = self._logits(q, k, valid, scale)
+            return tokens_first(out), self.probabilities(q, k, valid, scale, layout)
+        logits = self._logits(q, k, valid, scale, layout)
         # max is a shift the softmax is invariant to: no gradient (as jax.nn.softmax).
         e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
         inv = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [B, H, Q, 1]
@@ -120,23 +138,37 @@ class AttentionCore(nn.Module, kw_only=True):
         if drop is not None:
             key, whole = drop
             e = dropout(e, key, self.dropout, within=whole, offsets=(0, 0) + tuple(start))
-        out = jnp.einsum("bhqk,bkhd->bqhd", e.astype(cdt), v.astype(cdt)).astype(jnp.float32)
-        out = out * jnp.swapaxes(inv, 1, 2)
+        out = jnp.einsum(layout.values, e.astype(cdt), v.astype(cdt)).astype(jnp.float32)
+        out = out * (inv if layout is _HEADS_FIRST else jnp.swapaxes(inv, 1, 2))
         return out.astype(cdt), e * inv  # the second is dropout(softmax), built only if used
 
-    def _logits(self, q, k, valid, scale):
+    def _logits(self, q, k, valid, scale, layout: "_Layout"):
         cdt = self.policy.compute_dtype
         q = (q * scale).astype(cdt)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(cdt)).astype(jnp.float32)
+        logits = jnp.einsum(layout.scores, q, k.astype(cdt)).astype(jnp.float32)
         if valid is not None:
             logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
         return logits
 
-    def probabilities(self, q, k, valid, scale):
-        probs = jax.nn.softmax(self._logits(q, k, valid, scale), axis=-1)
+    def probabilities(self, q, k, valid, scale, layout: "_Layout"):
+        probs = jax.nn.softmax(self._logits(q, k, valid, scale, layout), axis=-1)
         if valid is not None:
             probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0)
         return probs
+
+
+class _Layout(NamedTuple):
+    """Where the token axis of q, k, v sits, and the two products of attention in that layout."""
+
+    tokens: int
+    scores: str  # q, k -> logits [B, H, Q, K]
+    values: str  # probabilities, v -> out
+
+
+# The callers' layout, kept by unblocked attention: the daily fusion's 4-key attention at each
+# of B*T days measured 12 % slower transposed heads first.
+_TOKENS_FIRST = _Layout(1, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+_HEADS_FIRST = _Layout(2, "bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd")
 
 
 def combine_masks(key_valid: Optional[jax.Array] = None, attn_valid: Optional[jax.Array] = None):
