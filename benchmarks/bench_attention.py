@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_attention.py [--against NAME=FILE ...] [--rounds 60] [--out FILE.json]
+    python benchmarks/bench_attention.py [--against NAME=FILE ...] [--rounds 60] [--steps] [--out FILE.json]
 
 Three settings of the default model (B=8, T=365, d_model=128, f32), each a small jitted program:
 
@@ -10,7 +10,9 @@ Three settings of the default model (B=8, T=365, d_model=128, f32), each a small
   query blocks of 64), value and gradient with dropout, as the train step runs it 12 times;
 * ``daily fusion attention, train``: the daily fusion's self-attention over 4 sources at each of
   B*T days (``MultiheadAttention`` on [2920, 4, 128]), value and gradient with dropout;
-* ``daily stack, eval``: a 3-layer daily encoder stack forward, deterministic (the eval path).
+* ``daily stack, eval``: a 3-layer daily encoder stack forward, deterministic (the eval path);
+* with ``--steps``, the default model's whole ``eval_step`` and ``train_step`` (M=12), a quarter as
+  many calls.
 
 Each ``--against NAME=FILE`` is another ``attention.py`` (e.g. ``git show REV:han_jax/model/attention.py
 > /tmp/before.py``): while that variant is built, its ``AttentionCore`` replaces this checkout's
@@ -45,8 +47,8 @@ def load_attention(name: str, path: str):
     return module
 
 
-def programs(module):
-    """{setting: (compiled function, its arguments, a key or None)} built with ``module``'s attention."""
+def programs(module, steps: bool = False):
+    """{setting: call(round) -> outputs}, each compiled with ``module``'s attention."""
     import jax
     import jax.numpy as jnp
 
@@ -70,13 +72,13 @@ def programs(module):
             run = daily_layers_fn(num_layers=layers, nhead=HEADS, d_model=D, dropout=0.1, policy=policy,
                                   deterministic=deterministic, causal=True)
             if deterministic:
-                fn = jax.jit(lambda p, h, run=run, kv=key_valid: run(p, h, kv))
-                out["daily stack, eval"] = (fn.lower(params, h).compile(), (params, h), None)
+                fn = jax.jit(lambda p, h, run=run, kv=key_valid: run(p, h, kv)).lower(params, h).compile()
+                out["daily stack, eval"] = lambda r, fn=fn, a=(params, h): fn(*a)
             else:
                 def loss(p, h, k, run=run, kv=key_valid):
                     return jnp.sum(run(p, h, kv, k) ** 2)
-                fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-                out["daily layer, train"] = (fn.lower(params, h, key).compile(), (params, h), key)
+                fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, h, key).compile()
+                out["daily layer, train"] = lambda r, fn=fn, a=(params, h): fn(*a, jax.random.fold_in(key, r))
         z = jax.random.normal(jax.random.PRNGKey(3), (B * T, SOURCES, D))
         mha = module.MultiheadAttention(num_heads=HEADS, dropout=0.1, policy=policy)
         params = mha.init({"params": jax.random.PRNGKey(0), "dropout": key}, z, z, z, deterministic=False)
@@ -85,11 +87,41 @@ def programs(module):
             y, _ = mha.apply(p, z, z, z, deterministic=False, rngs={"dropout": k})
             return jnp.sum(y ** 2)
 
-        fn = jax.jit(jax.value_and_grad(fusion_loss, argnums=(0, 1)))
-        out["daily fusion attention, train"] = (fn.lower(params, z, key).compile(), (params, z), key)
+        fn = jax.jit(jax.value_and_grad(fusion_loss, argnums=(0, 1))).lower(params, z, key).compile()
+        out["daily fusion attention, train"] = lambda r, fn=fn, a=(params, z): fn(*a, jax.random.fold_in(key, r))
+        if steps:
+            out.update(whole_steps())
         return out
     finally:
         attention.AttentionCore = saved
+
+
+def whole_steps():
+    """The default model's train and eval steps (B=8, T=365, M=12), as ``bench_steps.py`` builds them."""
+    import jax
+
+    from benchmarks.bench_steps import schedule, synthetic_batch
+    from han_jax.config import Config, ModelConfig, StepConfig
+    from han_jax.training.devices import SingleDevice
+    from han_jax.training.spec import StepSpec
+    from han_jax.training.steps import create_train_state
+
+    jax.clear_caches()  # the steps' traces are cached by spec, not by the attention module they used
+    model = ModelConfig()
+    spec = StepSpec.of(Config(model=model, step=StepConfig()))
+    inputs, targets = synthetic_batch(model, B, T, 12)
+    state = create_train_state(jax.random.PRNGKey(0), spec, inputs, schedule())
+    built = SingleDevice().steps(spec, schedule())
+    evaluate = built.compiled.eval.lower(state, inputs, targets).compile()
+    train = built.compiled.train.lower(state, inputs, targets, built.schedule).compile()
+    holder = [state]
+
+    def train_call(r):
+        holder[0], metrics = train(holder[0], inputs, targets, built.schedule)  # the state is donated
+        return metrics
+
+    return {"eval step, default model": lambda r: evaluate(holder[0], inputs, targets),
+            "train step, default model": train_call}
 
 
 def main(argv=None) -> dict:
@@ -97,6 +129,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--against", action="append", default=[], metavar="NAME=FILE",
                     help="another attention.py to measure (repeatable)")
     ap.add_argument("--rounds", type=int, default=60, help="calls of each variant, in turn (default 60)")
+    ap.add_argument("--steps", action="store_true",
+                    help="also the default model's whole train and eval steps (about 1 min of compile per variant)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     variants = {}
@@ -111,24 +145,21 @@ def main(argv=None) -> dict:
 
     from han_jax.model import attention
 
-    built = {"this checkout": programs(attention)}
+    built = {"this checkout": programs(attention, args.steps)}
     for name, path in variants.items():
-        built[name] = programs(load_attention(name, path))
+        built[name] = programs(load_attention(name, path), args.steps)
     settings = list(built["this checkout"])
     results = {}
     for setting in settings:
         times = {name: [] for name in built}
-        first = {}
-        for name, progs in built.items():
-            fn, fn_args, key = progs[setting]
-            first[name] = jax.block_until_ready(fn(*fn_args, *(() if key is None else (key,))))
+        # The first call of each (a warm-up) is the one compared: same inputs and keys for every variant.
+        first = {name: jax.device_get(jax.block_until_ready(progs[setting](0))) for name, progs in built.items()}
         reference = first["this checkout"]
-        for r in range(args.rounds):
+        rounds = args.rounds if "default model" not in setting else max(args.rounds // 4, 5)
+        for r in range(1, rounds + 1):
             for name, progs in built.items():
-                fn, fn_args, key = progs[setting]
-                extra = () if key is None else (jax.random.fold_in(key, r),)
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(*fn_args, *extra))
+                jax.block_until_ready(progs[setting](r))
                 times[name].append(time.perf_counter() - t0)
         results[setting] = {
             name: {"median_ms": float(np.median(t)) * 1e3, "min_ms": float(np.min(t)) * 1e3,
@@ -136,7 +167,8 @@ def main(argv=None) -> dict:
                                        for a, b in zip(jax.tree.leaves(first[name]), jax.tree.leaves(reference)))}
             for name, t in times.items()}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
-    print(f"Machine: {machine}; B={B}, T={T}, d_model={D}, {HEADS} heads, f32, {args.rounds} calls each, in turn\n")
+    print(f"Machine: {machine}; B={B}, T={T}, d_model={D}, {HEADS} heads, f32; {args.rounds} calls each, in turn "
+          f"({max(args.rounds // 4, 5)} for the whole steps)\n")
     print("| setting | attention.py | median ms | min ms | largest difference from this checkout |")
     print("|---|---|---|---|---|")
     for setting, rows in results.items():
