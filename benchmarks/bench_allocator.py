@@ -139,6 +139,8 @@ def main(argv=None) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not os.path.isfile(os.path.join(path, "benchmarks", "bench_allocator.py")):
             ap.error(f"--repo {item!r}: expected NAME=PATH of a han-jax checkout with benchmarks/bench_allocator.py")
+        if name in repos:
+            ap.error(f"--repo {item!r}: the name {name!r} is given twice")
         repos[name] = os.path.abspath(path)
     rows = ({(f"{repo} {name}" if repos else name): (path, env) for repo, path in (repos or {"": REPO}).items()
              for name, env in chosen.items()})

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/bench_attention.py [--against NAME=FILE ...] [--rounds 60] [--steps] [--out FILE.json]
+    python benchmarks/bench_attention.py [--against NAME=FILE ...] [--fused] [--rounds 60] [--steps] [--out FILE.json]
 
-Three settings of the default model (B=8, T=365, d_model=128, f32), each a small jitted program:
+Settings of the default model (B=8, T=365, d_model=128, f32), each a jitted program:
 
 * ``daily layer, train``: one causal daily encoder layer (``daily_layers_fn``, 8 heads of 16,
   query blocks of 64), value and gradient with dropout, as the train step runs it 12 times;
@@ -17,7 +17,9 @@ Three settings of the default model (B=8, T=365, d_model=128, f32), each a small
 Each ``--against NAME=FILE`` is another ``attention.py`` (e.g. ``git show REV:han_jax/model/attention.py
 > /tmp/before.py``): while that variant is built, its ``AttentionCore`` replaces this checkout's
 (the encoder layer keeps this checkout's ``MultiheadAttention`` around it), and the fusion attention
-is its ``MultiheadAttention``. Every variant is compiled first; then the variants are called in turn,
+is its ``MultiheadAttention``. ``--fused`` adds this checkout with ``AttentionCore(fused=True)``:
+attention without dropout through ``jax.nn.dot_product_attention`` instead of the explicit path,
+which only the eval settings use. Every variant is compiled first; then the variants are called in turn,
 ``--rounds`` times, so that a noisy host slows them alike. Prints a markdown table (median and
 minimum ms, and each variant's largest difference from this checkout's result) and, with
 ``--out``, JSON.
@@ -32,6 +34,7 @@ import os
 import platform
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -124,10 +127,21 @@ def whole_steps():
             "train step, default model": train_call}
 
 
+def fused_variant():
+    """This checkout's attention with ``fused=True`` as the default, in the shape of an attention module."""
+    from han_jax.model import attention
+
+    class FusedCore(attention.AttentionCore):
+        fused: bool = True
+
+    return types.SimpleNamespace(AttentionCore=FusedCore, MultiheadAttention=attention.MultiheadAttention)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", action="append", default=[], metavar="NAME=FILE",
                     help="another attention.py to measure (repeatable)")
+    ap.add_argument("--fused", action="store_true", help="also this checkout with AttentionCore(fused=True)")
     ap.add_argument("--rounds", type=int, default=60, help="calls of each variant, in turn (default 60)")
     ap.add_argument("--steps", action="store_true",
                     help="also the default model's whole train and eval steps (about 1 min of compile per variant)")
@@ -138,6 +152,8 @@ def main(argv=None) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not os.path.isfile(path):
             ap.error(f"--against {item!r}: expected NAME=FILE of an attention.py")
+        if name in variants or name in ("this checkout", "fused"):
+            ap.error(f"--against {item!r}: the name {name!r} is taken; give each variant its own")
         variants[name] = path
 
     import jax
@@ -146,6 +162,8 @@ def main(argv=None) -> dict:
     from han_jax.model import attention
 
     built = {"this checkout": programs(attention, args.steps)}
+    if args.fused:
+        built["fused"] = programs(fused_variant(), args.steps)
     for name, path in variants.items():
         built[name] = programs(load_attention(name, path), args.steps)
     settings = list(built["this checkout"])
@@ -174,7 +192,7 @@ def main(argv=None) -> dict:
     for setting, rows in results.items():
         for name, r in rows.items():
             print(f"| {setting} | {name} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['max_abs_diff']:.2g} |")
-    out = {"machine": machine, "against": variants, "rounds": args.rounds, "results": results}
+    out = {"machine": machine, "against": variants, "fused": args.fused, "rounds": args.rounds, "results": results}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

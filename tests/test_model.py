@@ -328,8 +328,9 @@ def test_temporal_encoder_is_causal():
 # ----- masking rules -----
 
 
-def test_attention_core_zero_rows_and_softmax():
-    core = AttentionCore(dropout=0.0, policy=Policy())
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_core_zero_rows_and_softmax(fused):
+    core = AttentionCore(dropout=0.0, policy=Policy(), fused=fused)
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, 4))
     k = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 2, 4))
     v = jax.random.normal(jax.random.PRNGKey(2), (1, 5, 2, 4))
@@ -340,6 +341,8 @@ def test_attention_core_zero_rows_and_softmax():
     ref = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), -1)
     np.testing.assert_allclose(probs[0, :, 0], ref[0, :, 0], rtol=1e-5)
     np.testing.assert_allclose(probs[0, :, 2, 4], 1.0, rtol=1e-6)
+    weights = jnp.where(jnp.any(valid, -1, keepdims=True), ref, 0.0)  # the row with no valid key is NaN in ref
+    np.testing.assert_allclose(out, jnp.einsum("bhqk,bkhd->bqhd", weights, v), rtol=1e-5, atol=1e-6)
     chex.assert_tree_all_finite(jax.grad(lambda q: core.apply({}, q, k, v, valid, True)[0].sum())(q))
 
 

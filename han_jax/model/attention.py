@@ -51,31 +51,30 @@ class AttentionCore(nn.Module, kw_only=True):
     the band allows: at T=365 and blocks of 64 the causal daily encoders do 58% of the dense work, the
     31-day local window 26%, and each block's [B, H, block, keys] arrays stay
     in cache. The mask is still applied inside every block, so the result is the
-    dense result; ``tests/test_model_blocks.py`` checks both agree. Blocked attention
-    moves q, k and v to [B, H, T, hd] once, so that each block's dots batch over
-    (B, H) with no transposes of their own (``benchmarks/README.md``: 7 % of a daily
-    encoder layer); unblocked attention keeps the callers' layout, which measured faster
-    for the daily fusion's four keys.
+    dense result; ``tests/test_model_blocks.py`` checks both agree. The explicit path
+    moves blocked q, k and v to [B, H, T, hd] once, so that each block's dots batch
+    over (B, H) with no transposes of their own (3-6 % of a causal daily encoder layer's
+    time on CPU, ``benchmarks/README.md``); unblocked attention keeps the callers'
+    layout, because heads first measured 12 % slower for the daily fusion's four keys.
 
     Dropout draws one key per attention (not per block) and each block takes its window
     of the whole [B, H, Q, K] mask (:func:`~han_jax.model.dropout.dropout`), so blocked and
     dense attention drop the same probabilities, and a block adds no generator call.
 
-    Without active dropout (``deterministic`` or rate 0) and with ``fused``, each block
-    goes through ``jax.nn.dot_product_attention`` (``implementation``: None lets JAX
-    choose, e.g. a fused cuDNN kernel on GPU; "xla" forces the XLA path), times "row
-    has a valid key". ``fused=None`` (the default) means fused except on CPU: there
-    the function's XLA path (a normalised softmax written out, then the value product)
-    measured 17 % slower than the explicit path for a daily encoder stack in the eval
-    step (``benchmarks/README.md``), so CPU runs the explicit path, without dropout, in
-    every phase. ``probs`` is computed densely for callers that return attention
-    maps (after dropout while training, as torch returns them); XLA drops it when
-    it is unused.
+    ``fused=True`` sends attention without active dropout (``deterministic`` or rate
+    0) through ``jax.nn.dot_product_attention``, times "row has a valid key", with
+    ``implementation`` passed on ("cudnn": a fused GPU kernel, which needs bf16 or
+    f16). The default is the explicit path in every phase: with ``implementation=None``
+    that function takes its XLA path (a normalised softmax written out, then the value
+    product), which measured 24 % slower than the explicit path for a daily encoder
+    stack in the eval step on CPU (``benchmarks/README.md``). ``probs`` is computed
+    densely for callers that return attention maps (after dropout while training, as
+    torch returns them); XLA drops it when it is unused.
     """
 
     dropout: float
     policy: Policy
-    fused: Optional[bool] = None
+    fused: bool = False
     implementation: Optional[str] = None
     band: Optional[Band] = None
     block_size: int = 64
@@ -88,11 +87,15 @@ class AttentionCore(nn.Module, kw_only=True):
         if not deterministic and self.dropout > 0.0:
             # The whole attention's mask, (key, [B, H, Q, K]); each block drops its window of it.
             drop = (self.make_rng("dropout"), (q.shape[0], q.shape[2], qn, kn))
+        fused = self.fused and (deterministic or self.dropout == 0.0)
         if self.band is None or valid is None or self.block_size <= 0 or qn != kn or qn <= self.block_size:
-            return self._attend(q, k, v, valid, scale, deterministic, drop, (0, 0), _TOKENS_FIRST)
-        # Blocked: heads first, once, so that no block transposes its slices of q, k and v
-        # again for its dots (a tenth of a causal daily encoder layer's time on CPU).
-        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+            return self._attend(q, k, v, valid, scale, fused, drop, (0, 0), _TOKENS_FIRST)
+        # The explicit path's blocks take their slices heads first, moved once here rather than
+        # transposed again by every block's dots; dot_product_attention takes the callers' layout.
+        layout = _TOKENS_FIRST if fused else _HEADS_FIRST
+        if layout is _HEADS_FIRST:
+            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+        tokens = partial(jax.lax.slice_in_dim, axis=layout.tokens)
         lookback, lookahead = self.band
         outs, probs = [], []
         for a in range(0, qn, self.block_size):
@@ -101,16 +104,17 @@ class AttentionCore(nn.Module, kw_only=True):
             hi = kn if lookahead is None else min(kn, b + lookahead)
             vb = valid[..., a:b, lo:hi] if valid.shape[-2] != 1 else valid[..., lo:hi]
             out, p = self._attend(
-                q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], vb, scale, deterministic, drop, (a, lo), _HEADS_FIRST
+                tokens(q, a, b), tokens(k, lo, hi), tokens(v, lo, hi), vb, scale, fused, drop, (a, lo), layout
             )
             outs.append(out)
             probs.append(jnp.pad(p, ((0, 0), (0, 0), (0, 0), (lo, kn - hi))))
-        return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2), jnp.concatenate(probs, axis=2)
+        out = jnp.concatenate(outs, axis=layout.tokens)
+        return (out if layout is _TOKENS_FIRST else jnp.swapaxes(out, 1, 2)), jnp.concatenate(probs, axis=2)
 
-    def _attend(self, q, k, v, valid, scale, deterministic, drop, start, layout: "_Layout"):
+    def _attend(self, q, k, v, valid, scale, fused, drop, start, layout: "_Layout"):
         """(out, the probabilities that weighted v [B,H,Q,K]) for the block at ``start`` (query, key).
 
-        q, k, v and out are [B, T, H, hd] or, blocked, [B, H, T, hd] (``layout``).
+        q, k, v and out are [B, T, H, hd] or, in the explicit path's blocks, [B, H, T, hd] (``layout``).
         """
         cdt = self.policy.compute_dtype
         row_ok = None
@@ -118,16 +122,14 @@ class AttentionCore(nn.Module, kw_only=True):
             b, qn, kn = q.shape[0], q.shape[layout.tokens], k.shape[layout.tokens]
             valid = jnp.broadcast_to(valid, (b, valid.shape[1], qn, kn))
             row_ok = jnp.any(valid, axis=-1, keepdims=True)  # [B, 1|H, Q, 1]
-        fused = self.fused if self.fused is not None else jax.default_backend() != "cpu"
-        if fused and (deterministic or self.dropout == 0.0):
-            tokens_first = (lambda x: jnp.swapaxes(x, 1, 2)) if layout is _HEADS_FIRST else (lambda x: x)
+        if fused:  # always the callers' layout
             out = jax.nn.dot_product_attention(
-                *(tokens_first(x).astype(cdt) for x in (q, k, v)), mask=valid, scale=scale,
+                q.astype(cdt), k.astype(cdt), v.astype(cdt), mask=valid, scale=scale,
                 implementation=self.implementation,
             )
             if row_ok is not None:
                 out = out * jnp.swapaxes(row_ok, 1, 2).astype(out.dtype)
-            return tokens_first(out), self.probabilities(q, k, valid, scale, layout)
+            return out, self.probabilities(q, k, valid, scale, layout)
         logits = self._logits(q, k, valid, scale, layout)
         # max is a shift the softmax is invariant to: no gradient (as jax.nn.softmax).
         e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
@@ -165,8 +167,8 @@ class _Layout(NamedTuple):
     values: str  # probabilities, v -> out
 
 
-# The callers' layout, kept by unblocked attention: the daily fusion's 4-key attention at each
-# of B*T days measured 12 % slower transposed heads first.
+# The callers' layout, kept by unblocked and fused attention: the daily fusion's 4-key attention
+# at each of B*T days measured 12 % slower transposed heads first.
 _TOKENS_FIRST = _Layout(1, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
 _HEADS_FIRST = _Layout(2, "bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd")
 
